@@ -1,0 +1,272 @@
+"""The ``medml`` command line (typer). Each command wraps one library call or flow.
+
+Exit codes: 0 success (quarantined inputs included), 2 unusable arguments, 1 failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medml.workspace import Workspace
+
+# Quiet, offline defaults (set before MLflow/Prefect/MONAI are imported by any command).
+# Prefect's in-process server can need more than its default 20 s to start on 2 cores.
+for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "true"),
+                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"),
+                     ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
+    os.environ.setdefault(_key, _value)
+
+app = typer.Typer(
+    help="medml: raw CT/MRI exports -> de-identified catalog -> metric-learning encoder -> "
+    "few-shot predictions, tracked in MLflow and orchestrated by Prefect.\n\n"
+    "Start with `medml pipeline --config configs/demo.yaml` (what `make demo` runs).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="Workspace folder [default: $MEDML_WORKSPACE or ./workspace]."),
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", exists=True, dir_okay=False,
+                                                help="YAML config (see configs/).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3")]
+
+
+def _settings(config: Path | None, overrides: list[str] | None):
+    from medml.config import load_settings
+
+    try:
+        return load_settings(config, overrides)
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config/--set") from exc
+
+
+def _workspace(explicit: Path | None, settings=None) -> Workspace:
+    if explicit is None and not os.environ.get("MEDML_WORKSPACE") and settings is not None:
+        explicit = settings.workspace
+    return Workspace.resolve(explicit)
+
+
+def _json_line(payload: dict[str, Any]) -> None:
+    """Print the contract JSON line (NaN becomes null)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    typer.echo(json.dumps(clean(payload)))
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MONAI probes for NVIDIA's image codec on import; on CPU machines that is expected.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+
+@app.command()
+def synth(
+    kind: Annotated[str, typer.Argument(help="Dataset kind: covid-ct.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write DICOM/NIfTI and labels.csv.")],
+    n_patients: Annotated[int, typer.Option(help="Number of patients.")] = 60,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    format: Annotated[str, typer.Option("--format", help="dicom, nifti or mixed.")] = "mixed",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a synthetic dataset (phantoms with fake patient identities) and OUT/labels.csv."""
+    from medml.synth import generate
+
+    settings = _settings(config, [*(set_ or []), f"synth.kind={kind}", f"synth.n_patients={n_patients}",
+                                  f"synth.seed={seed}", f"synth.format={format}"])
+    result = generate(settings.synth, out)
+    typer.echo(f"wrote {result.n_studies} studies of {result.n_patients} patients to {out}; "
+               f"labels: {result.labels_csv}")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    src: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder tree of DICOM/NIfTI.")],
+    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                 help="CSV with label + series_uid/path/study_uid/patient_id.")] = None,
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Ingest a folder into de-identified RAS NIfTI + catalog; write the ingest report."""
+    from medml.ingest import ingest
+
+    settings = _settings(config, None)
+    ws = _workspace(workspace, settings if config else None)
+    try:
+        result = ingest(src, ws, labels, settings.ingest)
+    except Exception as exc:
+        _fail(exc)
+    c = result.counts
+    typer.echo(f"{c['files']} files: {c['ingested']} ingested into {c['scans']} scans, "
+               f"{c['skipped']} skipped, {c['quarantined']} quarantined. Report: {result.report_path}")
+
+
+@app.command("train")
+def train_cmd(config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """Train an encoder on the catalog's train split; prints the run id and test metrics as JSON."""
+    from medml.train import train
+
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings)
+    try:
+        result = train(settings, ws)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(f"model: {result.model_uri}", err=True)
+    _json_line(result.metrics)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI (runs:/ID/model, models:/NAME@alias).")],
+    ways: Annotated[int | None, typer.Option(help="N classes per episode.")] = None,
+    shots: Annotated[int | None, typer.Option(help="K support scans per class.")] = None,
+    episodes: Annotated[int | None, typer.Option(help="Number of episodes.")] = None,
+    split: Annotated[str, typer.Option(help="Catalog split to evaluate.")] = "test",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Retrieval metrics, nearest-centroid accuracy and few-shot episodes; JSON line last."""
+    import mlflow
+
+    from medml.evaluate.run import evaluate_encoder, flat_metrics
+    from medml.predict.pyfunc import load_medml_model
+    from medml.tracking import configure, use_experiment
+
+    ws = _workspace(workspace)
+    configure(ws)
+    try:
+        m = load_medml_model(model)
+        updates = {k: v for k, v in (("ways", ways), ("shots", shots), ("episodes", episodes)) if v}
+        cfg = m.settings.evaluate.model_copy(update=updates)
+        use_experiment(ws, m.settings.train.experiment)
+        with mlflow.start_run(run_name="evaluate") as run:
+            mlflow.log_params({"model_uri": model, "split": split, **updates})
+            result = evaluate_encoder(m.encoder, ws, m.settings.preprocess, cfg, split)
+            mlflow.log_metrics(flat_metrics(result, f"{split}_"))
+    except Exception as exc:
+        _fail(exc)
+    _json_line({"run_id": run.info.run_id, **result})
+
+
+@app.command("prototypes")
+def prototypes_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI whose encoder to use.")],
+    support: Annotated[Path, typer.Option(exists=True, help="CSV (path,label) or a folder with one subfolder per class.")],
+    register: Annotated[str, typer.Option(help="Registered model name.")],
+    alias: Annotated[str, typer.Option(help="Alias to point at the new version.")] = "champion",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Build class prototypes from a support set and register a new model version."""
+    from medml.fewshot.register import read_support, register_prototypes
+    from medml.tracking import configure
+
+    configure(_workspace(workspace))
+    try:
+        reg = register_prototypes(model, read_support(support), register, alias)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(f"registered {reg.name} version {reg.version} (@{reg.alias}) with classes "
+               f"{', '.join(reg.classes)}: models:/{reg.name}@{reg.alias}")
+
+
+@app.command("predict")
+def predict_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of them.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI, e.g. models:/NAME@champion.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write (one row per input).")],
+    batch_size: Annotated[int, typer.Option(help="Scans per forward pass.")] = 8,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Batch inference on new scans: class, probabilities, similarity; error rows for bad inputs."""
+    import pandas as pd
+
+    from medml.predict.batch import discover_inputs, predict_frame
+    from medml.tracking import configure
+
+    configure(_workspace(workspace))
+    try:
+        frame = pd.DataFrame({"path": discover_inputs(inputs)})
+        summary = predict_frame(model, frame, out, batch_size)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(f"{summary.n_inputs} inputs, {summary.n_errors} errors, {summary.seconds:.1f}s; "
+               f"classes {summary.counts}; wrote {summary.out}")
+
+
+@app.command("pipeline")
+def pipeline_cmd(config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+    """Run the whole chain as one Prefect flow (synthetic data -> predictions)."""
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings)
+    from flows.pipeline import pipeline
+
+    try:
+        result = pipeline(settings, str(ws.root))
+    except Exception as exc:
+        _fail(exc)
+    _print_summary(result, ws)
+
+
+def _print_summary(result: dict[str, Any], ws: Workspace) -> None:
+    m = result["train"]["metrics"]
+    fs = m.get("fewshot", {})
+    p = result["predict"]
+    lines = [
+        "",
+        "medml pipeline finished",
+        f"  workspace      {ws.root}",
+        f"  ingest report  {result['ingest']['report']}  ({result['ingest']['scans']} scans)",
+        f"  catalog        {ws.catalog_url}",
+        f"  cache          {ws.cache}",
+        f"  train run      {m['run_id']}",
+        f"  test metrics   P@1 {m['precision_at_1']:.3f}  R-precision {m['r_precision']:.3f}  "
+        f"MAP@R {m['mean_average_precision_at_r']:.3f}",
+        f"                 nearest-centroid accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}"
+        f"  AUROC {m['auroc']:.3f}" + (f"  kappa {m['kappa_quadratic']:.3f}" if "kappa_quadratic" in m else ""),
+        f"                 {fs.get('ways')}-way {fs.get('shots')}-shot accuracy {fs.get('accuracy', float('nan')):.3f}"
+        f" ± {fs.get('ci95', float('nan')):.3f} over {fs.get('episodes')} episodes",
+        f"  model          {result['champion_uri']} (version {result['champion']['version']})",
+        f"  predictions    {p['predictions']}  ({p['n']} scans, {p['errors']} errors, "
+        f"accuracy vs labels {p['accuracy_vs_labels']:.3f})",
+        "",
+        f"  MLflow UI:  mlflow ui --backend-store-uri {ws.mlflow_uri}",
+        "  Prefect UI: prefect server start   (then open http://127.0.0.1:4200)",
+    ]
+    typer.echo("\n".join(lines))
+    _json_line(m)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

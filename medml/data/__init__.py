@@ -1,0 +1,1 @@
+"""Data: MONAI transform chains, cached datasets over the catalog, splits and samplers."""

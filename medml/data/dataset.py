@@ -1,0 +1,64 @@
+"""Datasets over catalog rows, cached on disk by MONAI's PersistentDataset.
+
+The cache folder is named by the fingerprint of the preprocessing config, so a changed chain
+never reads stale tensors, and epochs after the first read no raw files. Only the image goes
+through the cache: labels and ids are attached afresh on every read, so relabelling a scan
+never needs a new cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import PersistentDataset
+from torch.utils.data import Dataset
+
+from medml.config import PreprocessConfig
+from medml.data.transforms import KEY, deterministic_chain
+from medml.workspace import Workspace
+
+
+def cache_dir(ws: Workspace, cfg: PreprocessConfig) -> Path:
+    return ws.cache / cfg.fingerprint()
+
+
+def items_from_scans(ws: Workspace, scans: Sequence[dict[str, Any]],
+                     classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Data dicts: image path, content hash, integer label (-1 when not in ``classes``), scan id."""
+    index = {c: i for i, c in enumerate(classes)}
+    return [{KEY: str(ws.root / s["volume"]), "content_hash": s.get("content_hash") or "",
+             "label": index.get(s.get("label"), -1), "scan_id": s["scan_id"]} for s in scans]
+
+
+def _volume_key(item: dict[str, Any]) -> bytes:
+    """Cache key: the volume path and its content hash, so a changed volume is recomputed."""
+    return hashlib.md5(f"{item[KEY]}|{item['content_hash']}".encode()).hexdigest().encode()
+
+
+class CachedVolumes(Dataset):
+    """Preprocessed image tensors from the persistent cache, with current labels attached."""
+
+    def __init__(self, ws: Workspace, cfg: PreprocessConfig, items: Sequence[dict[str, Any]]):
+        folder = cache_dir(ws, cfg)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.items = list(items)
+        self.images = PersistentDataset(
+            [{KEY: it[KEY], "content_hash": it["content_hash"]} for it in self.items],
+            transform=deterministic_chain(cfg), cache_dir=folder, hash_func=_volume_key,
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {KEY: self.images[i][KEY], "label": self.items[i]["label"],
+                "scan_id": self.items[i]["scan_id"]}
+
+
+def cached_dataset(ws: Workspace, cfg: PreprocessConfig,
+                   items: Sequence[dict[str, Any]]) -> CachedVolumes:
+    """Dataset of the deterministic chain, cached under ``ws/cache/<fingerprint>``."""
+    return CachedVolumes(ws, cfg, items)

@@ -1,0 +1,40 @@
+"""Patient-level stratified splits: no patient ever appears in two splits."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from medml.config import SplitConfig
+
+
+def assign_splits(scans: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str, str]:
+    """Map scan id -> train/val/test, grouping scans by patient and stratifying by label.
+
+    A patient's label for stratification is the label of their first scan; within each class,
+    patients are shuffled with ``cfg.seed`` and cut by the configured fractions (at least one
+    patient goes to val and test whenever a class has three or more patients).
+    """
+    patients: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in scans:
+        patients[s["patient_key"]].append(s)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(patients):
+        by_class[str(patients[key][0]["label"])].append(key)
+
+    rng = np.random.default_rng(cfg.seed)
+    out: dict[str, str] = {}
+    for label in sorted(by_class):
+        keys = list(by_class[label])
+        rng.shuffle(keys)
+        n = len(keys)
+        n_test = max(1, round(n * cfg.test)) if n >= 3 and cfg.test > 0 else 0
+        n_val = max(1, round(n * cfg.val)) if n >= 3 and cfg.val > 0 else 0
+        for i, key in enumerate(keys):
+            split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+            for s in patients[key]:
+                out[s["scan_id"]] = split
+    return out

@@ -1,0 +1,40 @@
+"""De-identification keys: patient, study and scan identifiers become keyed hashes (HMAC-SHA256).
+
+The secret comes from ``$MEDML_DEID_SECRET`` or is created once in the workspace with 0600
+permissions, so the same patient maps to the same key across runs, and nobody without the
+secret can test a guessed identity against a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from medml.io import atomic_path
+
+
+def load_secret(secret_file: Path) -> bytes:
+    """The de-identification secret: environment first, else the workspace file (created once)."""
+    env = os.environ.get("MEDML_DEID_SECRET")
+    if env:
+        return env.encode()
+    if not secret_file.exists():
+        with atomic_path(secret_file) as tmp:
+            tmp.write_text(secrets.token_hex(32))
+            os.chmod(tmp, 0o600)
+    return secret_file.read_text().strip().encode()
+
+
+class KeyMaker:
+    """Derives short, stable, non-reversible keys from identifying strings."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def key(self, kind: str, value: str, length: int = 16) -> str:
+        """``kind`` separates namespaces, so a patient id and a UID never collide."""
+        digest = hmac.new(self._secret, f"{kind}:{value}".encode(), hashlib.sha256)
+        return digest.hexdigest()[:length]

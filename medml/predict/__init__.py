@@ -1,0 +1,1 @@
+"""Inference: the MLflow pyfunc model and batch prediction over new scans."""

@@ -1,0 +1,129 @@
+"""The deployable model: an MLflow pyfunc bundling encoder weights, prototypes and settings.
+
+Input: a DataFrame with a ``path`` column (NIfTI file or DICOM series folder) and optionally
+``scan_id``. Output: one row per input with the predicted class, a probability per class, the
+similarity to the nearest prototype, an unknown flag, and an error message where the input
+could not be read.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+
+import medml
+from medml.config import Settings
+from medml.data.transforms import KEY, deterministic_chain
+from medml.fewshot.prototypes import UNKNOWN, Prototypes
+from medml.models.encoder import Encoder, build_encoder
+from medml.models.inference import device
+from medml.predict.loading import load_input
+
+ENTRY = Path(__file__).with_name("mlflow_entry.py")
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "path"),
+                                          ColSpec("string", "scan_id", required=False)]))
+
+
+def prob_column(name: str) -> str:
+    return f"prob_{name}"
+
+
+class MedmlModel(PythonModel):
+    """Encoder + prototypes; usable directly (``from_files``) or through ``mlflow.pyfunc``."""
+
+    encoder: Encoder
+    prototypes: Prototypes
+    settings: Settings
+
+    def load_context(self, context: Any) -> None:
+        art = context.artifacts
+        self.load(Path(art["encoder"]), Path(art["prototypes"]), Path(art["settings"]))
+
+    def load(self, encoder_path: Path, prototypes_path: Path, settings_path: Path) -> MedmlModel:
+        self.settings = Settings.model_validate(yaml.safe_load(settings_path.read_text()))
+        self.encoder = build_encoder(self.settings.model)
+        state = torch.load(encoder_path, map_location="cpu", weights_only=True)
+        self.encoder.load_state_dict(state)
+        self.encoder.eval().to(device())
+        self.prototypes = Prototypes.load(prototypes_path)
+        self._chain = deterministic_chain(self.settings.preprocess, load=False)
+        return self
+
+    @torch.no_grad()
+    def embed_paths(self, paths: list[str]) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+        """Embeddings of readable inputs (rows of NaN otherwise), scan ids and error messages."""
+        dim = self.prototypes.vectors.shape[1]
+        emb = np.full((len(paths), dim), np.nan, dtype=np.float32)
+        ids: list[str | None] = [None] * len(paths)
+        errors: list[str | None] = [None] * len(paths)
+        tensors, rows = [], []
+        for i, p in enumerate(paths):
+            try:
+                tensor, ids[i] = load_input(p)
+                tensors.append(self._chain({KEY: tensor})[KEY])
+                rows.append(i)
+            except Exception as exc:  # one bad input must not sink the batch
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        if tensors:
+            batch = torch.stack([torch.as_tensor(t) for t in tensors]).to(device())
+            emb[rows] = self.encoder(batch).float().cpu().numpy()
+        return emb, ids, errors
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        paths = [str(p) for p in model_input["path"]]
+        emb, ids, errors = self.embed_paths(paths)
+        if "scan_id" in model_input.columns:
+            ids = [given if isinstance(given, str) and given else own
+                   for given, own in zip(model_input["scan_id"], ids)]
+        ok = np.array([e is None for e in errors])
+        classes = self.prototypes.classes
+        out = pd.DataFrame({"scan_id": ids, "predicted_class": None, "similarity": np.nan})
+        for c in classes:
+            out[prob_column(c)] = np.nan
+        if ok.any():
+            names, probs, best = self.prototypes.predict(emb[ok])
+            out.loc[ok, "predicted_class"] = names
+            out.loc[ok, "similarity"] = best
+            out.loc[ok, [prob_column(c) for c in classes]] = probs
+        out["unknown"] = out["predicted_class"] == UNKNOWN
+        out["error"] = errors
+        return out
+
+
+def log_model(encoder: Encoder, prototypes: Prototypes, settings: Settings,
+              registered_name: str | None = None) -> mlflow.models.model.ModelInfo:
+    """Log (and optionally register) the pyfunc under the active run as ``model``."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # An input example would need a real scan; the signature documents the input instead.
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        tmp_path = Path(tmp)
+        torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+        prototypes.save(tmp_path / "prototypes.npz")
+        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ENTRY),
+            artifacts={k: str(tmp_path / f) for k, f in
+                       (("encoder", "encoder.pt"), ("prototypes", "prototypes.npz"),
+                        ("settings", "settings.yaml"))},
+            signature=SIGNATURE,
+            registered_model_name=registered_name,
+            metadata={"medml_version": medml.__version__, "classes": prototypes.classes},
+            pip_requirements=[f"medml=={medml.__version__}"],
+        )
+
+
+def load_medml_model(model_uri: str) -> MedmlModel:
+    """Load a registered/logged medml model and return the unwrapped :class:`MedmlModel`."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()

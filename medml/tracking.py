@@ -1,0 +1,39 @@
+"""MLflow wiring: embedded SQLite in the workspace unless MLFLOW_TRACKING_URI says otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+
+from medml.workspace import Workspace
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def configure(ws: Workspace) -> str:
+    """Point MLflow at the workspace's tracking store; return its URI."""
+    uri = ws.mlflow_uri
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        mlflow.set_registry_uri(uri)
+    return uri
+
+
+def use_experiment(ws: Workspace, name: str) -> str:
+    """Create the experiment (artifacts under ``ws/mlartifacts``) if needed; make it active."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else ws.mlartifacts.as_uri()
+        exp_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def log_params_flat(params: dict) -> None:
+    """Log a flattened config; MLflow caps values at 6000 characters."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny synthetic data (real DICOM + NIfTI), ingested into a temp workspace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MEDML_WORKSPACE", None)
+os.environ.pop("MEDML_CATALOG_URL", None)
+
+from medml.config import Settings, load_settings  # noqa: E402
+from medml.ingest import ingest  # noqa: E402
+from medml.synth import generate  # noqa: E402
+from medml.workspace import Workspace  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Settings:
+    """Tiny volumes (32 matrix, 16^3 network input), a handful of patients, 2 epochs."""
+    return load_settings(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory, tiny_settings) -> Path:
+    """A synthetic mixed DICOM/NIfTI export; treat as read-only."""
+    out = tmp_path_factory.mktemp("raw")
+    generate(tiny_settings.synth, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ingested(tmp_path_factory, tiny_raw, tiny_settings) -> Workspace:
+    """The tiny export ingested into a session workspace; treat as read-only."""
+    ws = Workspace(tmp_path_factory.mktemp("ws")).ensure()
+    ingest(tiny_raw, ws, tiny_raw / "labels.csv", tiny_settings.ingest, progress=False)
+    return ws

@@ -1,0 +1,75 @@
+import csv
+from collections import Counter
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+from medml.config import SynthConfig
+from medml.synth import covid_ct, generate
+
+
+def _labels(root):
+    with (root / "labels.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_dataset_layout_labels_and_balance(tiny_raw, tiny_settings):
+    rows = _labels(tiny_raw)
+    assert len(rows) >= tiny_settings.synth.n_patients
+    per_class = Counter(r["label"] for r in {r["patient_id"]: r for r in rows}.values())
+    assert set(per_class) == set(covid_ct.CLASSES)
+    assert max(per_class.values()) - min(per_class.values()) <= 1
+    formats = {r["path"].split("/")[0] for r in rows}
+    assert formats == {"dicom", "nifti"}
+    for r in rows:
+        assert (tiny_raw / r["path"]).exists()
+
+
+def test_dicom_is_real_ct_with_identity_and_geometry(tiny_raw):
+    row = next(r for r in _labels(tiny_raw) if r["path"].startswith("dicom"))
+    files = sorted((tiny_raw / row["path"]).glob("*.dcm"))
+    ds = pydicom.dcmread(files[0])
+    assert ds.SOPClassUID == pydicom.uid.CTImageStorage
+    assert ds.SeriesInstanceUID == row["series_uid"]
+    assert str(ds.PatientID) == row["patient_id"]
+    assert ds.PatientName and ds.PatientBirthDate and ds.AccessionNumber and ds.InstitutionName
+    assert float(ds.RescaleIntercept) == -1024
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert hu.min() < -900 and hu.max() > 0  # air and tissue present
+    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files]
+    assert np.allclose(np.diff(sorted(z)), float(ds.SliceThickness), atol=1e-3)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    cfg = SynthConfig(n_patients=3, seed=3, matrix=24, z_extent_mm=120, format="mixed")
+    a, b = generate(cfg, tmp_path / "a", progress=False), generate(cfg, tmp_path / "b", progress=False)
+    files_a = sorted(p.relative_to(a.out) for p in a.out.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b.out) for p in b.out.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        if rel.suffix == ".dcm" or rel.name == "labels.csv":
+            assert (a.out / rel).read_bytes() == (b.out / rel).read_bytes(), rel
+        elif rel.name.endswith(".nii.gz"):
+            assert np.array_equal(nib.load(a.out / rel).get_fdata(), nib.load(b.out / rel).get_fdata())
+
+
+def test_severity_raises_lung_density_but_classes_overlap():
+    cfg = SynthConfig(matrix=48, z_extent_mm=160, slice_thickness_mm=(8.0, 8.0))
+    dense_share = {}
+    for label in range(len(covid_ct.CLASSES)):
+        shares = []
+        for seed in range(4):
+            rng = np.random.default_rng([seed, label])
+            p = covid_ct.ChestPatient.draw(label, cfg, rng)
+            vol, _ = covid_ct.render_chest(p, cfg, rng)
+            inner = vol[:, 12:36, 6:42]
+            shares.append(np.mean(inner[inner < -200] > -750))  # involved share of lung-ish voxels
+        dense_share[label] = np.mean(shares)
+    values = [dense_share[k] for k in sorted(dense_share)]
+    assert all(b > a for a, b in zip(values, values[1:])), values
+    # Jitter crosses class borders: the drawn shares of adjacent classes overlap.
+    rng = np.random.default_rng(0)
+    s2 = [covid_ct.ChestPatient.draw(2, cfg, rng).share for _ in range(200)]
+    s3 = [covid_ct.ChestPatient.draw(3, cfg, rng).share for _ in range(200)]
+    assert max(s2) > min(s3)
