@@ -75,7 +75,9 @@ def build_champion(model_uri: str, settings: Settings, ws: Workspace) -> dict[st
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "scan_id"])
         for i in picks:
-            writer.writerow([str(ws.root / scans[i]["volume"]), scans[i]["label"], scans[i]["scan_id"]])
+            writer.writerow(
+                [str(ws.root / scans[i]["volume"]), scans[i]["label"], scans[i]["scan_id"]]
+            )
     reg = register_prototypes(model_uri, read_support(support_csv), pc.model_name, pc.alias)
     get_run_logger().info("registered %s version %s as @%s", reg.name, reg.version, reg.alias)
     return {**asdict(reg), "support_csv": str(support_csv)}
@@ -85,17 +87,35 @@ def build_champion(model_uri: str, settings: Settings, ws: Workspace) -> dict[st
 def batch_inference(model_uri: str, settings: Settings, ws: Workspace) -> dict[str, Any]:
     """Predict the held-out (test split) scans with the registered model."""
     scans = Catalog(ws.catalog_url).list_scans(split="test")
-    frame = pd.DataFrame({"path": [str(ws.root / s["volume"]) for s in scans],
-                          "scan_id": [s["scan_id"] for s in scans]})
-    summary = predict_frame(model_uri, frame, ws.reports / "predictions.csv",
-                            settings.predict.batch_size, progress=False)
+    frame = pd.DataFrame(
+        {
+            "path": [str(ws.root / s["volume"]) for s in scans],
+            "scan_id": [s["scan_id"] for s in scans],
+        }
+    )
+    summary = predict_frame(
+        model_uri,
+        frame,
+        ws.reports / "predictions.csv",
+        settings.predict.batch_size,
+        progress=False,
+    )
     preds = pd.read_csv(summary.out)
     truth = {s["scan_id"]: s["label"] for s in scans}
     accuracy = float(np.mean([truth[i] == p for i, p in zip(preds.scan_id, preds.predicted_class)]))
-    get_run_logger().info("predicted %d scans (%d errors) in %.1fs", summary.n_inputs,
-                          summary.n_errors, summary.seconds)
-    return {"predictions": str(summary.out), "n": summary.n_inputs, "errors": summary.n_errors,
-            "accuracy_vs_labels": accuracy, "seconds": summary.seconds}
+    get_run_logger().info(
+        "predicted %d scans (%d errors) in %.1fs",
+        summary.n_inputs,
+        summary.n_errors,
+        summary.seconds,
+    )
+    return {
+        "predictions": str(summary.out),
+        "n": summary.n_inputs,
+        "errors": summary.n_errors,
+        "accuracy_vs_labels": accuracy,
+        "seconds": summary.seconds,
+    }
 
 
 @flow(name="medml-pipeline", log_prints=True)
@@ -110,6 +130,12 @@ def pipeline(settings: Settings, workspace: str) -> dict[str, Any]:
     champion = build_champion(trained["model_uri"], settings, ws)
     alias_uri = f"models:/{champion['name']}@{champion['alias']}"
     predicted = batch_inference(alias_uri, settings, ws)
-    return {"workspace": str(ws.root), "ingest": ingested, "preprocess": cached,
-            "train": trained, "champion": champion, "champion_uri": alias_uri,
-            "predict": predicted}
+    return {
+        "workspace": str(ws.root),
+        "ingest": ingested,
+        "preprocess": cached,
+        "train": trained,
+        "champion": champion,
+        "champion_uri": alias_uri,
+        "predict": predicted,
+    }

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 metadata = sa.MetaData()
 
 scans = sa.Table(
-    "scans", metadata,
+    "scans",
+    metadata,
     sa.Column("scan_id", sa.String(32), primary_key=True),
     sa.Column("patient_key", sa.String(32), nullable=False, index=True),
     sa.Column("study_key", sa.String(32)),
@@ -31,7 +32,8 @@ scans = sa.Table(
 )
 
 quarantine = sa.Table(
-    "quarantine", metadata,
+    "quarantine",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("ingest_run", sa.String(32), index=True),
     sa.Column("path", sa.Text, nullable=False),
@@ -40,7 +42,8 @@ quarantine = sa.Table(
 )
 
 ingest_runs = sa.Table(
-    "ingest_runs", metadata,
+    "ingest_runs",
+    metadata,
     sa.Column("run_id", sa.String(32), primary_key=True),
     sa.Column("source", sa.Text),
     sa.Column("started", sa.String(32)),
@@ -61,7 +64,9 @@ class Catalog:
 
     def get_scan(self, scan_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(scans).where(scans.c.scan_id == scan_id)).mappings().first()
+            row = (
+                conn.execute(sa.select(scans).where(scans.c.scan_id == scan_id)).mappings().first()
+            )
         return dict(row) if row else None
 
     def upsert_scan(self, row: Mapping[str, Any]) -> None:

@@ -19,10 +19,13 @@ from medml.workspace import Workspace
 
 # Quiet, offline defaults (set before MLflow/Prefect/MONAI are imported by any command).
 # Prefect's in-process server can need more than its default 20 s to start on 2 cores.
-for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "true"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"),
-                     ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
+for _key, _value in (
+    ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+    ("DO_NOT_TRACK", "true"),
+    ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"),
+    ("MLFLOW_DISABLE_TELEMETRY", "true"),
+    ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+):
     os.environ.setdefault(_key, _value)
 
 app = typer.Typer(
@@ -36,11 +39,17 @@ app = typer.Typer(
 
 WorkspaceOpt = Annotated[
     Path | None,
-    typer.Option("--workspace", "-w", help="Workspace folder [default: $MEDML_WORKSPACE or ./workspace]."),
+    typer.Option(
+        "--workspace", "-w", help="Workspace folder [default: $MEDML_WORKSPACE or ./workspace]."
+    ),
 ]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", exists=True, dir_okay=False,
-                                                help="YAML config (see configs/).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", exists=True, dir_okay=False, help="YAML config (see configs/)."),
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3")
+]
 
 
 def _settings(config: Path | None, overrides: list[str] | None):
@@ -77,9 +86,13 @@ def _fail(exc: Exception) -> None:
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # MONAI probes for NVIDIA's image codec on import; on CPU machines that is expected.
@@ -90,7 +103,9 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 @app.command()
 def synth(
     kind: Annotated[str, typer.Argument(help="Dataset kind: covid-ct.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write DICOM/NIfTI and labels.csv.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder to write DICOM/NIfTI and labels.csv.")
+    ],
     n_patients: Annotated[int, typer.Option(help="Number of patients.")] = 60,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     format: Annotated[str, typer.Option("--format", help="dicom, nifti or mixed.")] = "mixed",
@@ -100,18 +115,36 @@ def synth(
     """Write a synthetic dataset (phantoms with fake patient identities) and OUT/labels.csv."""
     from medml.synth import generate
 
-    settings = _settings(config, [*(set_ or []), f"synth.kind={kind}", f"synth.n_patients={n_patients}",
-                                  f"synth.seed={seed}", f"synth.format={format}"])
+    settings = _settings(
+        config,
+        [
+            *(set_ or []),
+            f"synth.kind={kind}",
+            f"synth.n_patients={n_patients}",
+            f"synth.seed={seed}",
+            f"synth.format={format}",
+        ],
+    )
     result = generate(settings.synth, out)
-    typer.echo(f"wrote {result.n_studies} studies of {result.n_patients} patients to {out}; "
-               f"labels: {result.labels_csv}")
+    typer.echo(
+        f"wrote {result.n_studies} studies of {result.n_patients} patients to {out}; "
+        f"labels: {result.labels_csv}"
+    )
 
 
 @app.command("ingest")
 def ingest_cmd(
-    src: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder tree of DICOM/NIfTI.")],
-    labels: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
-                                                 help="CSV with label + series_uid/path/study_uid/patient_id.")] = None,
+    src: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="Folder tree of DICOM/NIfTI.")
+    ],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="CSV with label + series_uid/path/study_uid/patient_id.",
+        ),
+    ] = None,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -125,12 +158,16 @@ def ingest_cmd(
     except Exception as exc:
         _fail(exc)
     c = result.counts
-    typer.echo(f"{c['files']} files: {c['ingested']} ingested into {c['scans']} scans, "
-               f"{c['skipped']} skipped, {c['quarantined']} quarantined. Report: {result.report_path}")
+    typer.echo(
+        f"{c['files']} files: {c['ingested']} ingested into {c['scans']} scans, "
+        f"{c['skipped']} skipped, {c['quarantined']} quarantined. Report: {result.report_path}"
+    )
 
 
 @app.command("train")
-def train_cmd(config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+def train_cmd(
+    config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None
+) -> None:
     """Train an encoder on the catalog's train split; prints the run id and test metrics as JSON."""
     from medml.train import train
 
@@ -146,7 +183,12 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None, workspace: Workspac
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI (runs:/ID/model, models:/NAME@alias).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="MLflow model URI (runs:/ID/model, models:/NAME@alias)."
+        ),
+    ],
     ways: Annotated[int | None, typer.Option(help="N classes per episode.")] = None,
     shots: Annotated[int | None, typer.Option(help="K support scans per class.")] = None,
     episodes: Annotated[int | None, typer.Option(help="Number of episodes.")] = None,
@@ -178,8 +220,15 @@ def evaluate_cmd(
 
 @app.command("prototypes")
 def prototypes_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI whose encoder to use.")],
-    support: Annotated[Path, typer.Option(exists=True, help="CSV (path,label) or a folder with one subfolder per class.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="MLflow model URI whose encoder to use.")
+    ],
+    support: Annotated[
+        Path,
+        typer.Option(
+            exists=True, help="CSV (path,label) or a folder with one subfolder per class."
+        ),
+    ],
     register: Annotated[str, typer.Option(help="Registered model name.")],
     alias: Annotated[str, typer.Option(help="Alias to point at the new version.")] = "champion",
     workspace: WorkspaceOpt = None,
@@ -193,14 +242,20 @@ def prototypes_cmd(
         reg = register_prototypes(model, read_support(support), register, alias)
     except Exception as exc:
         _fail(exc)
-    typer.echo(f"registered {reg.name} version {reg.version} (@{reg.alias}) with classes "
-               f"{', '.join(reg.classes)}: models:/{reg.name}@{reg.alias}")
+    typer.echo(
+        f"registered {reg.name} version {reg.version} (@{reg.alias}) with classes "
+        f"{', '.join(reg.classes)}: models:/{reg.name}@{reg.alias}"
+    )
 
 
 @app.command("predict")
 def predict_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of them.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="MLflow model URI, e.g. models:/NAME@champion.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of them.")
+    ],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="MLflow model URI, e.g. models:/NAME@champion.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write (one row per input).")],
     batch_size: Annotated[int, typer.Option(help="Scans per forward pass.")] = 8,
     workspace: WorkspaceOpt = None,
@@ -217,12 +272,16 @@ def predict_cmd(
         summary = predict_frame(model, frame, out, batch_size)
     except Exception as exc:
         _fail(exc)
-    typer.echo(f"{summary.n_inputs} inputs, {summary.n_errors} errors, {summary.seconds:.1f}s; "
-               f"classes {summary.counts}; wrote {summary.out}")
+    typer.echo(
+        f"{summary.n_inputs} inputs, {summary.n_errors} errors, {summary.seconds:.1f}s; "
+        f"classes {summary.counts}; wrote {summary.out}"
+    )
 
 
 @app.command("pipeline")
-def pipeline_cmd(config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None) -> None:
+def pipeline_cmd(
+    config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None
+) -> None:
     """Run the whole chain as one Prefect flow (synthetic data -> predictions)."""
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
@@ -249,10 +308,12 @@ def _print_summary(result: dict[str, Any], ws: Workspace) -> None:
         f"  train run      {m['run_id']}",
         f"  test metrics   P@1 {m['precision_at_1']:.3f}  R-precision {m['r_precision']:.3f}  "
         f"MAP@R {m['mean_average_precision_at_r']:.3f}",
-        f"                 nearest-centroid accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}"
-        f"  AUROC {m['auroc']:.3f}" + (f"  kappa {m['kappa_quadratic']:.3f}" if "kappa_quadratic" in m else ""),
-        f"                 {fs.get('ways')}-way {fs.get('shots')}-shot accuracy {fs.get('accuracy', float('nan')):.3f}"
-        f" ± {fs.get('ci95', float('nan')):.3f} over {fs.get('episodes')} episodes",
+        f"                 nearest-centroid accuracy {m['accuracy']:.3f}"
+        f"  balanced {m['balanced_accuracy']:.3f}  AUROC {m['auroc']:.3f}"
+        + (f"  kappa {m['kappa_quadratic']:.3f}" if "kappa_quadratic" in m else ""),
+        f"                 {fs.get('ways')}-way {fs.get('shots')}-shot accuracy "
+        f"{fs.get('accuracy', float('nan')):.3f} ± {fs.get('ci95', float('nan')):.3f} "
+        f"over {fs.get('episodes')} episodes",
         f"  model          {result['champion_uri']} (version {result['champion']['version']})",
         f"  predictions    {p['predictions']}  ({p['n']} scans, {p['errors']} errors, "
         f"accuracy vs labels {p['accuracy_vs_labels']:.3f})",

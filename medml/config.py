@@ -164,9 +164,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_settings(
-    path: str | Path | None = None, overrides: list[str] | None = None
-) -> Settings:
+def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
     """Read a YAML config, apply ``key.sub=value`` overrides, and validate it."""
     raw: dict[str, Any] = {}
     if path is not None:

@@ -32,10 +32,36 @@ def test_unusable_arguments_exit_2(tmp_path):
 def test_synth_then_ingest_from_the_console_script(tmp_path):
     env_cmd = [sys.executable, "-m", "medml.cli"]
     out = tmp_path / "raw"
-    subprocess.run([*env_cmd, "synth", "covid-ct", "--out", str(out), "--n-patients", "2",
-                    "--set", "synth.matrix=24", "--set", "synth.z_extent_mm=96"], check=True)
-    done = subprocess.run([*env_cmd, "ingest", str(out), "--labels", str(out / "labels.csv"),
-                           "--workspace", str(tmp_path / "ws")], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            *env_cmd,
+            "synth",
+            "covid-ct",
+            "--out",
+            str(out),
+            "--n-patients",
+            "2",
+            "--set",
+            "synth.matrix=24",
+            "--set",
+            "synth.z_extent_mm=96",
+        ],
+        check=True,
+    )
+    done = subprocess.run(
+        [
+            *env_cmd,
+            "ingest",
+            str(out),
+            "--labels",
+            str(out / "labels.csv"),
+            "--workspace",
+            str(tmp_path / "ws"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     n_studies = len((out / "labels.csv").read_text().strip().splitlines()) - 1
     assert f"ingested into {n_studies} scans" in done.stdout
     assert list((tmp_path / "ws" / "reports").glob("ingest-*.json"))

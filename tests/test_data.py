@@ -14,13 +14,16 @@ def test_transform_chain_gives_fixed_size_windowed_tensors(ingested, tiny_settin
     for i in range(len(ds)):
         image = ds[i]["image"]
         assert tuple(image.shape) == (1, *tiny_settings.preprocess.spatial_size)
-        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
         assert float(image.std()) > 0.05  # air, lung and tissue are still told apart
 
 
-def test_cache_serves_epochs_without_raw_files_and_labels_stay_current(tmp_path, ingested, tiny_settings):
+def test_cache_serves_epochs_without_raw_files_and_labels_stay_current(
+    tmp_path, ingested, tiny_settings
+):
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(ingested.root, ws.root)
+    shutil.rmtree(ws.cache)  # start cold
     scans = Catalog(ws.catalog_url).list_scans()[:4]
     first = cached_dataset(ws, tiny_settings.preprocess, items_from_scans(ws, scans, []))
     warm = [first[i]["image"] for i in range(len(first))]

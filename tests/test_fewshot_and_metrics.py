@@ -48,7 +48,9 @@ def test_centroid_metrics_and_episodes_on_separable_data():
     centres = np.eye(4)[:, :4]
     labels = np.repeat(["A", "B", "C", "D"], 10)
     emb = centres[np.repeat(np.arange(4), 10)] + 0.05 * rng.normal(size=(40, 4))
-    m = centroid_metrics(emb[::2], labels[::2], emb[1::2], labels[1::2], ["A", "B", "C", "D"], ordinal=True)
+    m = centroid_metrics(
+        emb[::2], labels[::2], emb[1::2], labels[1::2], ["A", "B", "C", "D"], ordinal=True
+    )
     assert m["accuracy"] == 1.0 and m["balanced_accuracy"] == 1.0 and m["auroc"] == 1.0
     assert m["kappa_quadratic"] == 1.0 and m["mean_absolute_stage_error"] == 0.0
     fs = fewshot_episodes(emb, labels, emb, labels, ways=3, shots=2, queries=3, episodes=50)
@@ -59,7 +61,9 @@ def test_episodes_on_noise_are_near_chance_with_a_confidence_interval():
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(5), 20)
     emb = rng.normal(size=(100, 8))
-    fs = fewshot_episodes(emb, labels, emb, labels, ways=5, shots=3, queries=5, episodes=300, seed=2)
+    fs = fewshot_episodes(
+        emb, labels, emb, labels, ways=5, shots=3, queries=5, episodes=300, seed=2
+    )
     assert abs(fs["accuracy"] - 0.2) < 0.05
     assert 0 < fs["ci95"] < 0.02
 

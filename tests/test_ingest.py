@@ -35,7 +35,9 @@ def test_report_accounts_for_every_file(ingested, tiny_raw):
     assert c["files"] == len(on_disk) == c["ingested"] + c["skipped"] + c["quarantined"]
     with (tiny_raw / "labels.csv").open() as fh:
         assert c["scans"] == len(list(csv.DictReader(fh)))
-    assert {"path": "labels.csv", "status": "skipped", "reason": "not DICOM or NIfTI"} in report["files"]
+    assert {"path": "labels.csv", "status": "skipped", "reason": "not DICOM or NIfTI"} in report[
+        "files"
+    ]
 
 
 def test_volumes_are_canonical_ras_with_dicom_geometry(ingested, tiny_raw):
@@ -55,8 +57,11 @@ def test_volumes_are_canonical_ras_with_dicom_geometry(ingested, tiny_raw):
     data = np.asarray(img.dataobj)
     inv = np.linalg.inv(img.affine)
     for r, c in [(0, 0), (5, 9), (hu.shape[0] - 1, hu.shape[1] - 1)]:
-        lps = ipp + c * float(first.PixelSpacing[1]) * np.array([1, 0, 0]) + \
-            r * float(first.PixelSpacing[0]) * np.array([0, 1, 0])
+        lps = (
+            ipp
+            + c * float(first.PixelSpacing[1]) * np.array([1, 0, 0])
+            + r * float(first.PixelSpacing[0]) * np.array([0, 1, 0])
+        )
         ijk = np.rint(inv @ np.array([-lps[0], -lps[1], lps[2], 1.0]))[:3].astype(int)
         assert data[tuple(ijk)] == hu[r, c]
 
@@ -65,14 +70,21 @@ def test_no_identity_leaves_ingestion(ingested, tiny_raw):
     identities = set()
     for f in tiny_raw.rglob("*.dcm"):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        identities |= {str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber),
-                       str(ds.InstitutionName), str(ds.PatientBirthDate)}
+        identities |= {
+            str(ds.PatientName),
+            str(ds.PatientID),
+            str(ds.AccessionNumber),
+            str(ds.InstitutionName),
+            str(ds.PatientBirthDate),
+        }
     with (tiny_raw / "labels.csv").open() as fh:
         identities |= {r["patient_id"] for r in csv.DictReader(fh)}
     for nii in tiny_raw.rglob("*.nii.gz"):  # the generator puts names into descrip, as exporters do
         identities.add(nib.load(nii).header["descrip"].item().decode())
     identities.discard("")
-    needles = [s.encode() for s in identities] + [s.split("^")[0].encode() for s in identities if "^" in s]
+    needles = [s.encode() for s in identities] + [
+        s.split("^")[0].encode() for s in identities if "^" in s
+    ]
     for path in ingested.root.rglob("*"):
         if not path.is_file() or path.name.startswith(".deid"):
             continue

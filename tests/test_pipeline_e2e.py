@@ -58,12 +58,25 @@ def test_mlflow_run_has_params_epoch_metrics_and_contract_metrics(run, tiny_sett
     for metric in ("train_loss", "val_mean_average_precision_at_r", "val_precision_at_1", "lr"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == list(range(1, tiny_settings.train.epochs + 1)), metric
-    for metric in ("test_precision_at_1", "test_r_precision", "test_mean_average_precision_at_r",
-                   "test_accuracy"):
+    for metric in (
+        "test_precision_at_1",
+        "test_r_precision",
+        "test_mean_average_precision_at_r",
+        "test_accuracy",
+    ):
         assert 0.0 <= data.metrics[metric] <= 1.0
     metrics = state.result()["train"]["metrics"]
-    for key in ("run_id", "split", "n", "precision_at_1", "r_precision",
-                "mean_average_precision_at_r", "accuracy", "balanced_accuracy", "kappa_quadratic"):
+    for key in (
+        "run_id",
+        "split",
+        "n",
+        "precision_at_1",
+        "r_precision",
+        "mean_average_precision_at_r",
+        "accuracy",
+        "balanced_accuracy",
+        "kappa_quadratic",
+    ):
         assert key in metrics
     assert metrics["fewshot"]["shots"] == tiny_settings.evaluate.shots
 
@@ -72,11 +85,13 @@ def test_champion_loads_as_pyfunc_and_predicts_paths(run, tiny_raw):
     ws, _, _ = run
     configure(ws)
     mv = MlflowClient().get_model_version_by_alias("medml-tiny", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     model = mlflow.pyfunc.load_model("models:/medml-tiny@champion")
     volume = next(ws.volumes.glob("*.nii.gz"))
     dicom_series = next((tiny_raw / "dicom").rglob("series-1"))
-    frame = pd.DataFrame({"path": [str(volume), str(dicom_series), str(ws.root / "missing.nii.gz")]})
+    frame = pd.DataFrame(
+        {"path": [str(volume), str(dicom_series), str(ws.root / "missing.nii.gz")]}
+    )
     out = model.predict(frame)
     assert len(out) == 3
     assert out.loc[0, "predicted_class"].startswith("CT-") and pd.isna(out.loc[0, "error"])

@@ -26,5 +26,9 @@ def test_no_patient_in_two_splits_and_every_class_everywhere():
 
 
 def test_deterministic_for_a_seed():
-    assert assign_splits(_scans(), SplitConfig(seed=3)) == assign_splits(_scans(), SplitConfig(seed=3))
-    assert assign_splits(_scans(), SplitConfig(seed=3)) != assign_splits(_scans(), SplitConfig(seed=4))
+    assert assign_splits(_scans(), SplitConfig(seed=3)) == assign_splits(
+        _scans(), SplitConfig(seed=3)
+    )
+    assert assign_splits(_scans(), SplitConfig(seed=3)) != assign_splits(
+        _scans(), SplitConfig(seed=4)
+    )

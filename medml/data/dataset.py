@@ -25,12 +25,20 @@ def cache_dir(ws: Workspace, cfg: PreprocessConfig) -> Path:
     return ws.cache / cfg.fingerprint()
 
 
-def items_from_scans(ws: Workspace, scans: Sequence[dict[str, Any]],
-                     classes: Sequence[str]) -> list[dict[str, Any]]:
+def items_from_scans(
+    ws: Workspace, scans: Sequence[dict[str, Any]], classes: Sequence[str]
+) -> list[dict[str, Any]]:
     """Data dicts: image path, content hash, integer label (-1 when not in ``classes``), scan id."""
     index = {c: i for i, c in enumerate(classes)}
-    return [{KEY: str(ws.root / s["volume"]), "content_hash": s.get("content_hash") or "",
-             "label": index.get(s.get("label"), -1), "scan_id": s["scan_id"]} for s in scans]
+    return [
+        {
+            KEY: str(ws.root / s["volume"]),
+            "content_hash": s.get("content_hash") or "",
+            "label": index.get(s.get("label"), -1),
+            "scan_id": s["scan_id"],
+        }
+        for s in scans
+    ]
 
 
 def _volume_key(item: dict[str, Any]) -> bytes:
@@ -47,18 +55,24 @@ class CachedVolumes(Dataset):
         self.items = list(items)
         self.images = PersistentDataset(
             [{KEY: it[KEY], "content_hash": it["content_hash"]} for it in self.items],
-            transform=deterministic_chain(cfg), cache_dir=folder, hash_func=_volume_key,
+            transform=deterministic_chain(cfg),
+            cache_dir=folder,
+            hash_func=_volume_key,
         )
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {KEY: self.images[i][KEY], "label": self.items[i]["label"],
-                "scan_id": self.items[i]["scan_id"]}
+        return {
+            KEY: self.images[i][KEY],
+            "label": self.items[i]["label"],
+            "scan_id": self.items[i]["scan_id"],
+        }
 
 
-def cached_dataset(ws: Workspace, cfg: PreprocessConfig,
-                   items: Sequence[dict[str, Any]]) -> CachedVolumes:
+def cached_dataset(
+    ws: Workspace, cfg: PreprocessConfig, items: Sequence[dict[str, Any]]
+) -> CachedVolumes:
     """Dataset of the deterministic chain, cached under ``ws/cache/<fingerprint>``."""
     return CachedVolumes(ws, cfg, items)

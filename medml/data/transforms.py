@@ -19,19 +19,27 @@ def deterministic_chain(cfg: PreprocessConfig, load: bool = True) -> mt.Compose:
     With ``load`` the input is a NIfTI path; without, a channel-first MetaTensor with its affine.
     """
     if cfg.modality == "CT":
-        intensity = mt.ScaleIntensityRanged(KEY, a_min=cfg.window[0], a_max=cfg.window[1],
-                                            b_min=0.0, b_max=1.0, clip=True)
+        intensity = mt.ScaleIntensityRanged(
+            KEY, a_min=cfg.window[0], a_max=cfg.window[1], b_min=0.0, b_max=1.0, clip=True
+        )
     else:
         intensity = mt.NormalizeIntensityd(KEY, nonzero=True, channel_wise=True)
     loader = [mt.LoadImaged(KEY, image_only=True, ensure_channel_first=True)] if load else []
-    return mt.Compose([
-        *loader,
-        mt.Orientationd(KEY, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(KEY, pixdim=cfg.pixdim, mode="bilinear"),
-        intensity,
-        mt.CropForegroundd(KEY, source_key=KEY, allow_smaller=True,
-                           select_fn=lambda x: x > cfg.foreground_threshold,
-                           start_coord_key=None, end_coord_key=None),
-        mt.Resized(KEY, spatial_size=cfg.spatial_size, mode="trilinear"),
-        mt.EnsureTyped(KEY, track_meta=False),
-    ])
+    return mt.Compose(
+        [
+            *loader,
+            mt.Orientationd(KEY, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            mt.Spacingd(KEY, pixdim=cfg.pixdim, mode="bilinear"),
+            intensity,
+            mt.CropForegroundd(
+                KEY,
+                source_key=KEY,
+                allow_smaller=True,
+                select_fn=lambda x: x > cfg.foreground_threshold,
+                start_coord_key=None,
+                end_coord_key=None,
+            ),
+            mt.Resized(KEY, spatial_size=cfg.spatial_size, mode="trilinear"),
+            mt.EnsureTyped(KEY, track_meta=False),
+        ]
+    )

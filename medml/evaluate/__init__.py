@@ -1,4 +1,4 @@
-"""Evaluation: retrieval metrics (Reality Check), nearest-centroid classification, few-shot episodes."""
+"""Evaluation: Reality Check retrieval metrics, nearest-centroid classification, episodes."""
 
 from medml.evaluate.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
 

@@ -9,7 +9,12 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    roc_auc_score,
+)
 
 from medml.fewshot.prototypes import build_prototypes, select_support
 
@@ -22,24 +27,31 @@ def retrieval_metrics(emb: np.ndarray, labels: Sequence[int]) -> dict[str, float
     if len(labels_t) < 2:
         return {k: float("nan") for k in RETRIEVAL}
     # CustomKNN over cosine similarity: exact, and no faiss dependency.
-    calc = AccuracyCalculator(include=RETRIEVAL, k="max_bin_count",
-                              knn_func=CustomKNN(CosineSimilarity()))
+    calc = AccuracyCalculator(
+        include=RETRIEVAL, k="max_bin_count", knn_func=CustomKNN(CosineSimilarity())
+    )
     emb_t = torch.as_tensor(np.asarray(emb, dtype=np.float32))
     scores = calc.get_accuracy(emb_t, labels_t)
     return {k: float(scores[k]) for k in RETRIEVAL}
 
 
 def centroid_metrics(
-    support_emb: np.ndarray, support_labels: Sequence[str],
-    query_emb: np.ndarray, query_labels: Sequence[str],
-    classes: Sequence[str], ordinal: bool, temperature: float = 0.1,
+    support_emb: np.ndarray,
+    support_labels: Sequence[str],
+    query_emb: np.ndarray,
+    query_labels: Sequence[str],
+    classes: Sequence[str],
+    ordinal: bool,
+    temperature: float = 0.1,
 ) -> dict[str, float]:
     """Nearest-centroid accuracy, balanced accuracy, macro AUROC (+ quadratic kappa if ordinal)."""
     protos = build_prototypes(support_emb, support_labels, temperature)
     pred, probs, _ = protos.predict(query_emb)
     truth = list(query_labels)
-    out = {"accuracy": float(accuracy_score(truth, pred)),
-           "balanced_accuracy": float(balanced_accuracy_score(truth, pred))}
+    out = {
+        "accuracy": float(accuracy_score(truth, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(truth, pred)),
+    }
     out["auroc"] = _macro_auroc(truth, probs, protos.classes)
     if ordinal:
         rank = {c: i for i, c in enumerate(classes)}
@@ -56,13 +68,21 @@ def _macro_auroc(truth: Sequence[str], probs: np.ndarray, classes: Sequence[str]
         return float("nan")
     if len(classes) == 2:
         return float(roc_auc_score([c == classes[1] for c in truth], probs[:, 1]))
-    return float(roc_auc_score(truth, probs, multi_class="ovr", average="macro", labels=list(classes)))
+    return float(
+        roc_auc_score(truth, probs, multi_class="ovr", average="macro", labels=list(classes))
+    )
 
 
 def fewshot_episodes(
-    support_emb: np.ndarray, support_labels: Sequence[str],
-    query_emb: np.ndarray, query_labels: Sequence[str],
-    ways: int, shots: int, queries: int, episodes: int, seed: int = 0,
+    support_emb: np.ndarray,
+    support_labels: Sequence[str],
+    query_emb: np.ndarray,
+    query_labels: Sequence[str],
+    ways: int,
+    shots: int,
+    queries: int,
+    episodes: int,
+    seed: int = 0,
 ) -> dict[str, float]:
     """N-way K-shot episodes: mean nearest-centroid accuracy and its 95 % confidence half-width.
 
@@ -72,12 +92,21 @@ def fewshot_episodes(
     rng = np.random.default_rng(seed)
     s_lab, q_lab = np.asarray(support_labels), np.asarray(query_labels)
     same_pool = support_emb is query_emb
-    eligible = [c for c in sorted(set(q_lab.tolist()) & set(s_lab.tolist()))
-                if (s_lab == c).sum() >= shots + (1 if same_pool else 0)]
+    eligible = [
+        c
+        for c in sorted(set(q_lab.tolist()) & set(s_lab.tolist()))
+        if (s_lab == c).sum() >= shots + (1 if same_pool else 0)
+    ]
     ways = min(ways, len(eligible))
     if ways < 2:
-        return {"ways": ways, "shots": shots, "queries": queries, "episodes": 0,
-                "accuracy": float("nan"), "ci95": float("nan")}
+        return {
+            "ways": ways,
+            "shots": shots,
+            "queries": queries,
+            "episodes": 0,
+            "accuracy": float("nan"),
+            "ci95": float("nan"),
+        }
     accs = []
     for _ in range(episodes):
         chosen = rng.choice(eligible, size=ways, replace=False)
@@ -85,7 +114,11 @@ def fewshot_episodes(
         for c in chosen:
             pool_s = np.flatnonzero(s_lab == c)
             sup = rng.choice(pool_s, size=shots, replace=False)
-            pool_q = np.setdiff1d(np.flatnonzero(q_lab == c), sup) if same_pool else np.flatnonzero(q_lab == c)
+            pool_q = (
+                np.setdiff1d(np.flatnonzero(q_lab == c), sup)
+                if same_pool
+                else np.flatnonzero(q_lab == c)
+            )
             s_idx.extend(sup)
             q_idx.extend(rng.choice(pool_q, size=min(queries, len(pool_q)), replace=False))
         protos = build_prototypes(support_emb[s_idx], s_lab[s_idx])
@@ -93,8 +126,14 @@ def fewshot_episodes(
         accs.append(float(np.mean(np.asarray(pred) == q_lab[q_idx])))
     accs_np = np.asarray(accs)
     ci = 1.96 * accs_np.std(ddof=1) / np.sqrt(len(accs_np)) if len(accs_np) > 1 else 0.0
-    return {"ways": int(ways), "shots": shots, "queries": queries, "episodes": episodes,
-            "accuracy": float(accs_np.mean()), "ci95": float(ci)}
+    return {
+        "ways": int(ways),
+        "shots": shots,
+        "queries": queries,
+        "episodes": episodes,
+        "accuracy": float(accs_np.mean()),
+        "ci95": float(ci),
+    }
 
 
 __all__ = ["centroid_metrics", "fewshot_episodes", "retrieval_metrics", "select_support"]

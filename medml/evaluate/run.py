@@ -15,8 +15,14 @@ from medml.models.inference import embed_dataset
 from medml.workspace import Workspace
 
 
-def embed_split(encoder: Encoder, ws: Workspace, pp: PreprocessConfig, split: str,
-                classes: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def embed_split(
+    encoder: Encoder,
+    ws: Workspace,
+    pp: PreprocessConfig,
+    split: str,
+    classes: list[str],
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and class names of one split's labelled scans (through the cache)."""
     scans = Catalog(ws.catalog_url).list_scans(split=split)
     items = items_from_scans(ws, scans, classes)
@@ -24,8 +30,13 @@ def embed_split(encoder: Encoder, ws: Workspace, pp: PreprocessConfig, split: st
     return emb, np.array([s["label"] for s in scans])
 
 
-def evaluate_encoder(encoder: Encoder, ws: Workspace, pp: PreprocessConfig,
-                     cfg: EvaluateConfig, split: str | None = None) -> dict[str, Any]:
+def evaluate_encoder(
+    encoder: Encoder,
+    ws: Workspace,
+    pp: PreprocessConfig,
+    cfg: EvaluateConfig,
+    split: str | None = None,
+) -> dict[str, Any]:
     """Retrieval metrics on ``split``, nearest-centroid with train prototypes, few-shot episodes.
 
     Few-shot episodes draw their K support scans per class from the training split and their
@@ -41,8 +52,9 @@ def evaluate_encoder(encoder: Encoder, ws: Workspace, pp: PreprocessConfig,
     out: dict[str, Any] = {"split": split, "n": int(len(lab))}
     out.update(retrieval_metrics(emb, [index[c] for c in lab]))
     out.update(centroid_metrics(train_emb, train_lab, emb, lab, classes, cfg.ordinal))
-    fs = fewshot_episodes(train_emb, train_lab, emb, lab, cfg.ways, cfg.shots, cfg.queries,
-                          cfg.episodes, cfg.seed)
+    fs = fewshot_episodes(
+        train_emb, train_lab, emb, lab, cfg.ways, cfg.shots, cfg.queries, cfg.episodes, cfg.seed
+    )
     out["fewshot"] = {"classes": "base", "support": "train", **fs}
     return out
 
@@ -50,6 +62,11 @@ def evaluate_encoder(encoder: Encoder, ws: Workspace, pp: PreprocessConfig,
 def flat_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
     """Numeric entries of an evaluation result as MLflow metric names."""
     flat = {f"{prefix}{k}": v for k, v in result.items() if isinstance(v, float)}
-    flat.update({f"{prefix}fewshot_{k}": v for k, v in result.get("fewshot", {}).items()
-                 if isinstance(v, float)})
+    flat.update(
+        {
+            f"{prefix}fewshot_{k}": v
+            for k, v in result.get("fewshot", {}).items()
+            if isinstance(v, float)
+        }
+    )
     return {k: v for k, v in flat.items() if np.isfinite(v)}

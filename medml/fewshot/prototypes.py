@@ -47,23 +47,37 @@ class Prototypes:
         return names, self.probabilities(sims), best
 
     def save(self, path: Path) -> None:
-        with atomic_path(path, suffix=".npz") as tmp:
-            with tmp.open("wb") as fh:
-                np.savez(fh, vectors=self.vectors, classes=np.array(self.classes), spread=self.spread,
-                         temperature=self.temperature,
-                         unknown_threshold=np.nan if self.unknown_threshold is None
-                         else self.unknown_threshold)
+        with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as fh:
+            np.savez(
+                fh,
+                vectors=self.vectors,
+                classes=np.array(self.classes),
+                spread=self.spread,
+                temperature=self.temperature,
+                unknown_threshold=np.nan
+                if self.unknown_threshold is None
+                else self.unknown_threshold,
+            )
 
     @classmethod
     def load(cls, path: Path) -> Prototypes:
         with np.load(path, allow_pickle=False) as z:
             thr = float(z["unknown_threshold"])
-            return cls(z["vectors"], [str(c) for c in z["classes"]], z["spread"],
-                       float(z["temperature"]), None if np.isnan(thr) else thr)
+            return cls(
+                z["vectors"],
+                [str(c) for c in z["classes"]],
+                z["spread"],
+                float(z["temperature"]),
+                None if np.isnan(thr) else thr,
+            )
 
 
-def build_prototypes(emb: np.ndarray, labels: Sequence[str], temperature: float = 0.1,
-                     unknown_threshold: float | None = None) -> Prototypes:
+def build_prototypes(
+    emb: np.ndarray,
+    labels: Sequence[str],
+    temperature: float = 0.1,
+    unknown_threshold: float | None = None,
+) -> Prototypes:
     """Centroid per class of L2-normalised embeddings, renormalised to unit length."""
     emb = _normalise(np.asarray(emb, dtype=np.float32))
     labels = np.asarray(labels)

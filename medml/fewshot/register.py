@@ -44,9 +44,14 @@ def read_support(support: str | Path) -> list[tuple[str, str]]:
     raise FileNotFoundError(f"support set not found: {support}")
 
 
-def register_prototypes(model_uri: str, support: list[tuple[str, str]], name: str,
-                        alias: str | None = "champion", temperature: float | None = None,
-                        unknown_threshold: float | None = None) -> Registered:
+def register_prototypes(
+    model_uri: str,
+    support: list[tuple[str, str]],
+    name: str,
+    alias: str | None = "champion",
+    temperature: float | None = None,
+    unknown_threshold: float | None = None,
+) -> Registered:
     """Embed the support scans with the model's encoder and register encoder + new prototypes."""
     model = load_medml_model(model_uri)
     paths, labels = [p for p, _ in support], [lab for _, lab in support]
@@ -55,14 +60,24 @@ def register_prototypes(model_uri: str, support: list[tuple[str, str]], name: st
     if bad:
         raise ValueError("unreadable support scans:\n" + "\n".join(bad))
     pcfg = model.settings.prototypes
-    protos = build_prototypes(emb, labels, temperature or pcfg.temperature,
-                              unknown_threshold if unknown_threshold is not None else pcfg.unknown_threshold)
+    protos = build_prototypes(
+        emb,
+        labels,
+        temperature or pcfg.temperature,
+        unknown_threshold if unknown_threshold is not None else pcfg.unknown_threshold,
+    )
     with mlflow.start_run(run_name=f"prototypes-{name}") as run:
-        mlflow.log_params({"source_model": model_uri, "support_size": len(paths),
-                           "classes": ",".join(protos.classes)})
+        mlflow.log_params(
+            {
+                "source_model": model_uri,
+                "support_size": len(paths),
+                "classes": ",".join(protos.classes),
+            }
+        )
         info = log_model(model.encoder, protos, model.settings, registered_name=name)
     version = str(info.registered_model_version)
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version)
-    return Registered(name, version, alias or "", f"models:/{name}/{version}", run.info.run_id,
-                      protos.classes)
+    return Registered(
+        name, version, alias or "", f"models:/{name}/{version}", run.info.run_id, protos.classes
+    )

@@ -66,13 +66,24 @@ class _Ingestor:
         for s in tqdm(series, desc="convert", unit="series", disable=not progress):
             self.convert_series(s)
         report_path = self.report.write(self.ws.reports)
-        quarantined = [{"path": r.path, "reason": r.reason} for r in self.report.files
-                       if r.status == "quarantined"]
+        quarantined = [
+            {"path": r.path, "reason": r.reason}
+            for r in self.report.files
+            if r.status == "quarantined"
+        ]
         counts = self.report.counts()
         self.catalog.record_run(
-            {"run_id": self.run_id, "source": str(self.src), "started": self.report.started,
-             "finished": self.report.finished, "report": str(report_path),
-             "n_files": counts["files"], "n_scans": counts["scans"]}, quarantined)
+            {
+                "run_id": self.run_id,
+                "source": str(self.src),
+                "started": self.report.started,
+                "finished": self.report.finished,
+                "report": str(report_path),
+                "n_files": counts["files"],
+                "n_scans": counts["scans"],
+            },
+            quarantined,
+        )
         scan_ids = sorted({r.scan_id for r in self.report.files if r.scan_id})
         return IngestResult(report_path, counts, scan_ids)
 
@@ -91,8 +102,13 @@ class _Ingestor:
         problem = dicom.image_problem(header)
         if problem:
             self.add(path, "quarantined", reason=problem)
-        elif str(header.get("BurnedInAnnotation", "NO")).upper() == "YES" and not self.cfg.allow_burned_in:
-            self.add(path, "quarantined", reason="BurnedInAnnotation YES (identity may be in pixels)")
+        elif (
+            str(header.get("BurnedInAnnotation", "NO")).upper() == "YES"
+            and not self.cfg.allow_burned_in
+        ):
+            self.add(
+                path, "quarantined", reason="BurnedInAnnotation YES (identity may be in pixels)"
+            )
         else:
             dicom_slices.append(dicom.Slice(path, header))
 
@@ -101,21 +117,33 @@ class _Ingestor:
             dicom.sort_and_check(series, self.cfg.min_slices)
             data, affine = dicom.load_volume(series)
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, dicom.SeriesError) else \
-                f"conversion failed: {type(exc).__name__}: {exc}"
+            reason = (
+                str(exc)
+                if isinstance(exc, dicom.SeriesError)
+                else f"conversion failed: {type(exc).__name__}: {exc}"
+            )
             for s in series.slices:
                 self.add(s.path, "quarantined", reason=reason)
             return
         h = series.first
         folder = self.rel(series.slices[0].path.parent)
-        row = self.labels.find(series_uid=str(h.SeriesInstanceUID), path=folder,
-                               study_uid=str(h.get("StudyInstanceUID", "")),
-                               patient_id=str(h.get("PatientID", "")))
+        row = self.labels.find(
+            series_uid=str(h.SeriesInstanceUID),
+            path=folder,
+            study_uid=str(h.get("StudyInstanceUID", "")),
+            patient_id=str(h.get("PatientID", "")),
+        )
         scan_id = self.keys.key("series", series.uid)
-        self.store(scan_id, data, affine, row, source_format="dicom",
-                   modality=str(h.get("Modality", "")),
-                   patient=self.keys.key("patient", str(h.get("PatientID", "")) or series.uid),
-                   study=self.keys.key("study", str(h.get("StudyInstanceUID", series.uid))))
+        self.store(
+            scan_id,
+            data,
+            affine,
+            row,
+            source_format="dicom",
+            modality=str(h.get("Modality", "")),
+            patient=self.keys.key("patient", str(h.get("PatientID", "")) or series.uid),
+            study=self.keys.key("study", str(h.get("StudyInstanceUID", series.uid))),
+        )
         for s in series.slices:
             self.add(s.path, "ingested", scan_id=scan_id)
 
@@ -131,34 +159,66 @@ class _Ingestor:
         study_uid = (row or {}).get("study_uid") or file_hash
         scan_id = self.keys.key("file", file_hash)
         modality = (row or {}).get("modality") or "CT"
-        self.store(scan_id, data, affine, row, source_format="nifti", modality=modality,
-                   patient=self.keys.key("patient", patient_id),
-                   study=self.keys.key("study", study_uid))
+        self.store(
+            scan_id,
+            data,
+            affine,
+            row,
+            source_format="nifti",
+            modality=modality,
+            patient=self.keys.key("patient", patient_id),
+            study=self.keys.key("study", study_uid),
+        )
         self.add(path, "ingested", scan_id=scan_id)
 
-    def store(self, scan_id: str, data: np.ndarray, affine: np.ndarray, row: dict | None,
-              source_format: str, modality: str, patient: str, study: str) -> None:
+    def store(
+        self,
+        scan_id: str,
+        data: np.ndarray,
+        affine: np.ndarray,
+        row: dict | None,
+        source_format: str,
+        modality: str,
+        patient: str,
+        study: str,
+    ) -> None:
         img = nifti.to_canonical(data, affine)
         canon = np.asarray(img.dataobj)
-        content_hash = hashlib.sha256(canon.tobytes() + np.round(img.affine, 4).tobytes()).hexdigest()
+        content_hash = hashlib.sha256(
+            canon.tobytes() + np.round(img.affine, 4).tobytes()
+        ).hexdigest()
         volume = self.ws.volume_path(scan_id)
         existing = self.catalog.get_scan(scan_id)
         if not (existing and existing["content_hash"] == content_hash and volume.exists()):
             nifti.save_atomic(img, volume)
         label = (row or {}).get("label") or None
-        self.catalog.upsert_scan({
-            "scan_id": scan_id, "patient_key": patient, "study_key": study, "modality": modality,
-            "shape": ",".join(map(str, canon.shape)),
-            "spacing": ",".join(f"{z:.4f}" for z in img.header.get_zooms()[:3]),
-            "orientation": "RAS", "source_format": source_format, "content_hash": content_hash,
-            "label": label, "class_set": (row or {}).get("class_set") or "base",
-            "split": existing["split"] if existing and existing["label"] == label else None,
-            "volume": volume.relative_to(self.ws.root).as_posix(), "ingest_run": self.run_id,
-        })
+        self.catalog.upsert_scan(
+            {
+                "scan_id": scan_id,
+                "patient_key": patient,
+                "study_key": study,
+                "modality": modality,
+                "shape": ",".join(map(str, canon.shape)),
+                "spacing": ",".join(f"{z:.4f}" for z in img.header.get_zooms()[:3]),
+                "orientation": "RAS",
+                "source_format": source_format,
+                "content_hash": content_hash,
+                "label": label,
+                "class_set": (row or {}).get("class_set") or "base",
+                "split": existing["split"] if existing and existing["label"] == label else None,
+                "volume": volume.relative_to(self.ws.root).as_posix(),
+                "ingest_run": self.run_id,
+            }
+        )
 
 
-def ingest(src: str | Path, ws: Workspace, labels_csv: str | Path | None = None,
-           cfg: IngestConfig | None = None, progress: bool = True) -> IngestResult:
+def ingest(
+    src: str | Path,
+    ws: Workspace,
+    labels_csv: str | Path | None = None,
+    cfg: IngestConfig | None = None,
+    progress: bool = True,
+) -> IngestResult:
     """Ingest every file under ``src`` into ``ws``; return the report path and counts."""
     src = Path(src).resolve()
     if not src.is_dir():

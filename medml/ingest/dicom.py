@@ -17,8 +17,21 @@ from pydicom.errors import InvalidDicomError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Storage SOP classes that hold no image volume (SR, RTSTRUCT, SEG, PR, RT plans/doses, ...).
-NON_IMAGE_MODALITIES = {"SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SEG", "PR", "KO",
-                        "ECG", "AU", "DOC", "REG", "PLAN"}
+NON_IMAGE_MODALITIES = {
+    "SR",
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTDOSE",
+    "RTRECORD",
+    "SEG",
+    "PR",
+    "KO",
+    "ECG",
+    "AU",
+    "DOC",
+    "REG",
+    "PLAN",
+}
 
 
 class SeriesError(ValueError):
@@ -71,8 +84,18 @@ def image_problem(ds: pydicom.Dataset) -> str | None:
     modality = str(ds.get("Modality", ""))
     if modality in NON_IMAGE_MODALITIES:
         return f"non-image DICOM object (Modality {modality})"
-    missing = [t for t in ("SeriesInstanceUID", "Rows", "Columns", "ImagePositionPatient",
-                           "ImageOrientationPatient", "PixelSpacing") if t not in ds]
+    missing = [
+        t
+        for t in (
+            "SeriesInstanceUID",
+            "Rows",
+            "Columns",
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+        )
+        if t not in ds
+    ]
     if missing:
         return f"DICOM without image geometry or pixel data (missing {', '.join(missing)})"
     return None
@@ -84,7 +107,12 @@ def group_series(slices: list[Slice]) -> list[Series]:
     by_uid: dict[str, int] = defaultdict(int)
     for s in slices:
         h = s.header
-        key = (str(h.SeriesInstanceUID), tuple(np.round(s.orientation, 4)), int(h.Rows), int(h.Columns))
+        key = (
+            str(h.SeriesInstanceUID),
+            tuple(np.round(s.orientation, 4)),
+            int(h.Rows),
+            int(h.Columns),
+        )
         if key not in groups:
             by_uid[key[0]] += 1
             suffix = "" if by_uid[key[0]] == 1 else f".{by_uid[key[0]]}"

@@ -37,7 +37,11 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise NiftiError("NIfTI holds NaN or infinite voxel values")
     affine = img.affine
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6 or np.any(zooms <= 0):
+    if (
+        not np.all(np.isfinite(affine))
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-6
+        or np.any(zooms <= 0)
+    ):
         raise NiftiError("NIfTI has no usable qform/sform (singular or non-finite affine)")
     return data, affine
 
@@ -48,8 +52,12 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     Building a new header drops ``descrip``, ``aux_file``, ``intent_name`` and extensions, where
     exporters sometimes put patient names.
     """
-    if np.issubdtype(data.dtype, np.floating) and np.allclose(data, np.rint(data)) and \
-            data.min() >= -32768 and data.max() <= 32767:
+    if (
+        np.issubdtype(data.dtype, np.floating)
+        and np.allclose(data, np.rint(data))
+        and data.min() >= -32768
+        and data.max() <= 32767
+    ):
         data = np.rint(data).astype(np.int16)
     img = nib.Nifti1Image(np.asarray(data), affine)
     canon = nib.as_closest_canonical(img)

@@ -1,4 +1,4 @@
-"""The ingest report (a contract, see ARCHITECTURE.md): every file under the source accounted for."""
+"""The ingest report (a contract, see ARCHITECTURE.md): every source file accounted for."""
 
 from __future__ import annotations
 
@@ -47,14 +47,22 @@ class IngestReport:
     def counts(self) -> dict[str, int]:
         by_status = Counter(r.status for r in self.files)
         scans = {r.scan_id for r in self.files if r.status == "ingested"}
-        return {"files": len(self.files), "ingested": by_status["ingested"],
-                "skipped": by_status["skipped"], "quarantined": by_status["quarantined"],
-                "scans": len(scans)}
+        return {
+            "files": len(self.files),
+            "ingested": by_status["ingested"],
+            "skipped": by_status["skipped"],
+            "quarantined": by_status["quarantined"],
+            "scans": len(scans),
+        }
 
     def to_json(self) -> dict:
-        return {"source": self.source, "started": self.started, "finished": self.finished,
-                "counts": self.counts(),
-                "files": [r.to_json() for r in sorted(self.files, key=lambda r: r.path)]}
+        return {
+            "source": self.source,
+            "started": self.started,
+            "finished": self.finished,
+            "counts": self.counts(),
+            "files": [r.to_json() for r in sorted(self.files, key=lambda r: r.path)],
+        }
 
     def write(self, reports_dir: Path) -> Path:
         self.finished = self.finished or utc_now()

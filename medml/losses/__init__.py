@@ -8,7 +8,9 @@ from torch import nn
 from medml.config import LossConfig
 
 
-def build_loss(cfg: LossConfig, n_classes: int, embedding_dim: int) -> tuple[nn.Module, nn.Module | None]:
+def build_loss(
+    cfg: LossConfig, n_classes: int, embedding_dim: int
+) -> tuple[nn.Module, nn.Module | None]:
     """Return ``(loss, miner)``; the miner is None for losses that need none."""
     if cfg.name == "triplet":
         loss = losses.TripletMarginLoss(margin=cfg.margin)

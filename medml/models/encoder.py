@@ -9,8 +9,12 @@ from torch import nn
 
 from medml.config import ModelConfig
 
-_RESNETS = {"resnet10": nets.resnet10, "resnet18": nets.resnet18,
-            "resnet34": nets.resnet34, "resnet50": nets.resnet50}
+_RESNETS = {
+    "resnet10": nets.resnet10,
+    "resnet18": nets.resnet18,
+    "resnet34": nets.resnet34,
+    "resnet50": nets.resnet50,
+}
 
 
 class Encoder(nn.Module):
@@ -33,8 +37,12 @@ def build_encoder(cfg: ModelConfig) -> Encoder:
     """Build the configured backbone without its classifier, and the head on top."""
     # conv1_t_stride=2 halves the first feature map in depth too: ~10x faster in 3D.
     backbone = _RESNETS[cfg.backbone](
-        spatial_dims=3, n_input_channels=1, conv1_t_stride=cfg.conv1_t_stride,
-        widen_factor=cfg.widen_factor, feed_forward=False, shortcut_type="B",
+        spatial_dims=3,
+        n_input_channels=1,
+        conv1_t_stride=cfg.conv1_t_stride,
+        widen_factor=cfg.widen_factor,
+        feed_forward=False,
+        shortcut_type="B",
     )
     with torch.no_grad():
         backbone.eval()

@@ -15,13 +15,19 @@ def device() -> torch.device:
 
 
 @torch.no_grad()
-def embed_dataset(encoder: Encoder, dataset: Dataset, batch_size: int = 16,
-                  num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def embed_dataset(
+    encoder: Encoder, dataset: Dataset, batch_size: int = 16, num_workers: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings ``(N, E)`` and integer labels ``(N,)`` in dataset order."""
     dev = device()
     encoder.eval().to(dev)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+    )
     embs, labels = [], []
     for batch in loader:
         embs.append(encoder(batch[KEY].to(dev, non_blocking=True)).float().cpu().numpy())

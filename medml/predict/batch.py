@@ -25,7 +25,7 @@ class PredictionSummary:
 
 
 def discover_inputs(inputs: Sequence[str | Path]) -> list[str]:
-    """Expand folders into NIfTI files and DICOM series folders (folders holding files, no NIfTI)."""
+    """Expand folders into NIfTI files and DICOM series folders (folders of files, no NIfTI)."""
     found: list[str] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -39,15 +39,16 @@ def discover_inputs(inputs: Sequence[str | Path]) -> list[str]:
     return found
 
 
-def predict_frame(model_uri: str, frame: pd.DataFrame, out: Path, batch_size: int = 8,
-                  progress: bool = True) -> PredictionSummary:
-    """Predict every row of ``frame`` (``path``, optional ``scan_id``) and write a CSV atomically."""
+def predict_frame(
+    model_uri: str, frame: pd.DataFrame, out: Path, batch_size: int = 8, progress: bool = True
+) -> PredictionSummary:
+    """Predict each row of ``frame`` (``path``, optional ``scan_id``); write a CSV atomically."""
     start = time.perf_counter()
     model = mlflow.pyfunc.load_model(model_uri)
     parts = []
     chunks = range(0, len(frame), batch_size)
     for i in tqdm(chunks, desc="predict", unit="batch", disable=not progress):
-        parts.append(model.predict(frame.iloc[i:i + batch_size].reset_index(drop=True)))
+        parts.append(model.predict(frame.iloc[i : i + batch_size].reset_index(drop=True)))
     result = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     with atomic_path(out, suffix=".csv") as tmp:
         result.to_csv(tmp, index=False)

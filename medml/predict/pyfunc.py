@@ -31,8 +31,9 @@ from medml.models.inference import device
 from medml.predict.loading import load_input
 
 ENTRY = Path(__file__).with_name("mlflow_entry.py")
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "path"),
-                                          ColSpec("string", "scan_id", required=False)]))
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "path"), ColSpec("string", "scan_id", required=False)])
+)
 
 
 def prob_column(name: str) -> str:
@@ -61,7 +62,9 @@ class MedmlModel(PythonModel):
         return self
 
     @torch.no_grad()
-    def embed_paths(self, paths: list[str]) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+    def embed_paths(
+        self, paths: list[str]
+    ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
         """Embeddings of readable inputs (rows of NaN otherwise), scan ids and error messages."""
         dim = self.prototypes.vectors.shape[1]
         emb = np.full((len(paths), dim), np.nan, dtype=np.float32)
@@ -80,12 +83,16 @@ class MedmlModel(PythonModel):
             emb[rows] = self.encoder(batch).float().cpu().numpy()
         return emb, ids, errors
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         paths = [str(p) for p in model_input["path"]]
         emb, ids, errors = self.embed_paths(paths)
         if "scan_id" in model_input.columns:
-            ids = [given if isinstance(given, str) and given else own
-                   for given, own in zip(model_input["scan_id"], ids)]
+            ids = [
+                given if isinstance(given, str) and given else own
+                for given, own in zip(model_input["scan_id"], ids)
+            ]
         ok = np.array([e is None for e in errors])
         classes = self.prototypes.classes
         out = pd.DataFrame({"scan_id": ids, "predicted_class": None, "similarity": np.nan})
@@ -101,8 +108,9 @@ class MedmlModel(PythonModel):
         return out
 
 
-def log_model(encoder: Encoder, prototypes: Prototypes, settings: Settings,
-              registered_name: str | None = None) -> mlflow.models.model.ModelInfo:
+def log_model(
+    encoder: Encoder, prototypes: Prototypes, settings: Settings, registered_name: str | None = None
+) -> mlflow.models.model.ModelInfo:
     """Log (and optionally register) the pyfunc under the active run as ``model``."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # An input example would need a real scan; the signature documents the input instead.
@@ -114,9 +122,14 @@ def log_model(encoder: Encoder, prototypes: Prototypes, settings: Settings,
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(ENTRY),
-            artifacts={k: str(tmp_path / f) for k, f in
-                       (("encoder", "encoder.pt"), ("prototypes", "prototypes.npz"),
-                        ("settings", "settings.yaml"))},
+            artifacts={
+                k: str(tmp_path / f)
+                for k, f in (
+                    ("encoder", "encoder.pt"),
+                    ("prototypes", "prototypes.npz"),
+                    ("settings", "settings.yaml"),
+                )
+            },
             signature=SIGNATURE,
             registered_model_name=registered_name,
             metadata={"medml_version": medml.__version__, "classes": prototypes.classes},

@@ -61,7 +61,9 @@ class ChestPatient:
         )
 
 
-def render_chest(p: ChestPatient, cfg: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, Grid]:
+def render_chest(
+    p: ChestPatient, cfg: SynthConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, Grid]:
     """Render one study: HU volume indexed ``[slice, row, col]`` and its grid."""
     nz = max(8, int(round(cfg.z_extent_mm / p.slice_thickness)))
     grid = Grid.centred(cfg.matrix, cfg.fov_mm, nz, p.slice_thickness)
@@ -83,8 +85,12 @@ def render_chest(p: ChestPatient, cfg: SynthConfig, rng: np.random.Generator) ->
     lung_radii = (0.42 * cfg.z_extent_mm * ls, 0.7 * b * ls, 0.34 * a * ls)
     lungs = []
     for side in (-1.0, 1.0):
-        lungs.append(ellipsoid(z, y, x, (0.05 * cfg.z_extent_mm, 0.05 * b, side * 0.45 * a), lung_radii))
-    heart = ellipsoid(z, y, x, (-0.12 * cfg.z_extent_mm, -0.35 * b, 0.12 * a), (60.0, 0.32 * b, 0.3 * a))
+        lungs.append(
+            ellipsoid(z, y, x, (0.05 * cfg.z_extent_mm, 0.05 * b, side * 0.45 * a), lung_radii)
+        )
+    heart = ellipsoid(
+        z, y, x, (-0.12 * cfg.z_extent_mm, -0.35 * b, 0.12 * a), (60.0, 0.32 * b, 0.3 * a)
+    )
     lung = ((lungs[0] <= 1.0) | (lungs[1] <= 1.0)) & (heart > 1.0) & (np.abs(x) > 0.13 * a)
     vol[lung] = HU_LUNG
 

@@ -30,7 +30,10 @@ class Grid:
     def centred(cls, matrix: int, fov_mm: float, nz: int, dz: float) -> Grid:
         d = fov_mm / matrix
         return cls(
-            nz, matrix, matrix, (dz, d, d),
+            nz,
+            matrix,
+            matrix,
+            (dz, d, d),
             (-(nz - 1) * dz / 2, -(matrix - 1) * d / 2, -(matrix - 1) * d / 2),
         )
 
@@ -56,8 +59,11 @@ def rotate_xy(x: np.ndarray, y: np.ndarray, degrees: float) -> tuple[np.ndarray,
 
 
 def ellipsoid(
-    z: np.ndarray, y: np.ndarray, x: np.ndarray,
-    centre: tuple[float, float, float], radii: tuple[float, float, float],
+    z: np.ndarray,
+    y: np.ndarray,
+    x: np.ndarray,
+    centre: tuple[float, float, float],
+    radii: tuple[float, float, float],
 ) -> np.ndarray:
     """Normalised radius ``r`` (``r <= 1`` inside) of an axis-aligned ellipsoid (z, y, x order)."""
     return np.sqrt(

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 from medml.io import atomic_path
 from medml.synth.identity import Identity
@@ -45,17 +45,18 @@ def write_dicom_series(
     stored = np.rint(volume + 1024.0).clip(0, 4095).astype(np.uint16)  # intercept -1024
     dz, dy, dx = grid.spacing
     z0, y0, x0 = grid.origin
-    frame_uid = _uid(uid_seed, "frame")
-    for k in range(grid.nz):
+    ds = _ct_header(identity, study_uid, series_uid, _uid(uid_seed, "frame"), study_index)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [f"{dy:.6f}", f"{dx:.6f}"]  # row spacing, column spacing
+    ds.SliceThickness = f"{slice_thickness:.4f}"
+    ds.Rows, ds.Columns = grid.ny, grid.nx
+    for k in range(grid.nz):  # one header, updated per slice: building it is the slow part
         sop_uid = _uid(uid_seed, "sop", str(k))
-        ds = _ct_header(identity, study_uid, series_uid, sop_uid, frame_uid, study_index)
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{z0 + k * dz:.4f}"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceLocation = f"{z0 + k * dz:.4f}"
-        ds.PixelSpacing = [f"{dy:.6f}", f"{dx:.6f}"]  # row spacing, column spacing
-        ds.SliceThickness = f"{slice_thickness:.4f}"
-        ds.Rows, ds.Columns = grid.ny, grid.nx
         ds.PixelData = stored[k].tobytes()
         with atomic_path(folder / f"IM{k + 1:04d}.dcm", suffix=".dcm") as tmp:
             ds.save_as(tmp, enforce_file_format=True)
@@ -68,17 +69,15 @@ def _uid(*parts: str) -> str:
 
 
 def _ct_header(
-    identity: Identity, study_uid: str, series_uid: str, sop_uid: str, frame_uid: str, study_index: int
+    identity: Identity, study_uid: str, series_uid: str, frame_uid: str, study_index: int
 ) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = frame_uid

@@ -61,8 +61,9 @@ def ensure_splits(catalog: Catalog, cfg: SplitConfig) -> list[dict[str, Any]]:
     return scans
 
 
-def _train_epoch(encoder: Encoder, loader: DataLoader, loss_fn, miner, opt, progress: bool,
-                 epoch: int) -> tuple[float, float]:
+def _train_epoch(
+    encoder: Encoder, loader: DataLoader, loss_fn, miner, opt, progress: bool, epoch: int
+) -> tuple[float, float]:
     """One pass over the sampler; returns mean loss and volumes per second."""
     dev = device()
     encoder.train()
@@ -78,7 +79,9 @@ def _train_epoch(encoder: Encoder, loader: DataLoader, loss_fn, miner, opt, prog
         opt.step()
         losses.append(float(loss.detach()))
         n_vol += len(y)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", vol_s=f"{n_vol / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(
+            loss=f"{losses[-1]:.3f}", vol_s=f"{n_vol / (time.perf_counter() - start):.1f}"
+        )
     return float(np.mean(losses)) if losses else float("nan"), n_vol / (time.perf_counter() - start)
 
 
@@ -99,8 +102,13 @@ def train(settings: Settings, ws: Workspace, progress: bool = True) -> TrainResu
     train_ds = cached_dataset(ws, settings.preprocess, train_items)
     labels = [it["label"] for it in train_items]
     sampler = balanced_sampler(labels, tc.m_per_class, tc.batch_size)
-    loader = DataLoader(train_ds, batch_size=sampler.batch_size, sampler=sampler,
-                        num_workers=tc.num_workers, pin_memory=device().type == "cuda")
+    loader = DataLoader(
+        train_ds,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        num_workers=tc.num_workers,
+        pin_memory=device().type == "cuda",
+    )
 
     encoder = build_encoder(settings.model).to(device())
     loss_fn, miner = build_loss(settings.loss, len(classes), settings.model.embedding_dim)
@@ -118,11 +126,21 @@ def train(settings: Settings, ws: Workspace, progress: bool = True) -> TrainResu
             loss, vps = _train_epoch(encoder, loader, loss_fn, miner, opt, progress, epoch)
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            val_emb, val_lab = embed_split(encoder, ws, settings.preprocess, "val", classes,
-                                           settings.evaluate.batch_size)
-            val = retrieval_metrics(val_emb, [classes.index(c) if c in classes else -1 for c in val_lab])
-            mlflow.log_metrics({"train_loss": loss, "lr": lr, "volumes_per_s": vps,
-                                **{f"val_{k}": v for k, v in val.items()}}, step=epoch)
+            val_emb, val_lab = embed_split(
+                encoder, ws, settings.preprocess, "val", classes, settings.evaluate.batch_size
+            )
+            val = retrieval_metrics(
+                val_emb, [classes.index(c) if c in classes else -1 for c in val_lab]
+            )
+            mlflow.log_metrics(
+                {
+                    "train_loss": loss,
+                    "lr": lr,
+                    "volumes_per_s": vps,
+                    **{f"val_{k}": v for k, v in val.items()},
+                },
+                step=epoch,
+            )
             score = val["mean_average_precision_at_r"]
             log.info("epoch %d loss %.4f val MAP@R %.3f (%.1f vol/s)", epoch, loss, score, vps)
             if not np.isfinite(score) or score > best:
@@ -135,7 +153,11 @@ def train(settings: Settings, ws: Workspace, progress: bool = True) -> TrainResu
         metrics = evaluate_encoder(encoder, ws, settings.preprocess, settings.evaluate)
         mlflow.log_metrics(flat_metrics(metrics, f"{metrics['split']}_"))
         emb, _ = embed_dataset(encoder, train_ds, settings.evaluate.batch_size)
-        protos = build_prototypes(emb, [classes[i] for i in labels], settings.prototypes.temperature,
-                                  settings.prototypes.unknown_threshold)
+        protos = build_prototypes(
+            emb,
+            [classes[i] for i in labels],
+            settings.prototypes.temperature,
+            settings.prototypes.unknown_threshold,
+        )
         info = log_model(encoder, protos, settings)
     return TrainResult(run_id, info.model_uri, ckpt, {"run_id": run_id, **metrics})
