@@ -1,6 +1,7 @@
 """The scan catalog: SQLAlchemy Core over SQLite by default, PostgreSQL by URL.
 
-Only de-identified keys are stored: scan ids, patient and study keys are keyed hashes.
+Only de-identified keys are stored: scan ids, patient and study keys are keyed hashes, study
+dates are shifted per patient (or absent).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ scans = sa.Table(
     sa.Column("split", sa.String(8), index=True),
     sa.Column("volume", sa.String(256), nullable=False),
     sa.Column("ingest_run", sa.String(32)),
+    # Added by the ingestion issue (nullable, so older catalogs gain them in place):
+    sa.Column("source_hash", sa.String(64)),  # keyed hash of the source files' bytes
+    sa.Column("study_date", sa.String(10)),  # ISO date, shifted per patient
+    sa.Column("n_files", sa.Integer),
 )
 
 quarantine = sa.Table(
@@ -55,12 +60,44 @@ ingest_runs = sa.Table(
 
 
 class Catalog:
-    """Thin access layer: every method is one transaction."""
+    """Thin access layer: every method is one transaction.
 
-    def __init__(self, url: str) -> None:
+    ``schema`` (PostgreSQL) puts the tables in that schema, created if missing: tests and
+    projects that share a server keep apart that way.
+    """
+
+    def __init__(self, url: str, schema: str | None = None) -> None:
         self.url = url
-        self.engine = sa.create_engine(url, future=True)
+        self.schema = schema
+        engine = sa.create_engine(url, future=True)
+        if schema:
+            with engine.begin() as conn:
+                conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+            engine = engine.execution_options(schema_translate_map={None: schema})
+        self.engine = engine
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Add nullable columns introduced after a catalog was created (no migration tool)."""
+        inspector = sa.inspect(self.engine)
+        for table in (scans, quarantine, ingest_runs):
+            have = {c["name"] for c in inspector.get_columns(table.name, schema=self.schema)}
+            missing = [c for c in table.columns if c.name not in have and c.nullable]
+            if not missing:
+                continue
+            prefix = self.engine.dialect.identifier_preparer
+            name = (
+                prefix.format_table(table)
+                if not self.schema
+                else (f"{prefix.quote_schema(self.schema)}.{prefix.quote(table.name)}")
+            )
+            with self.engine.begin() as conn:
+                for col in missing:
+                    kind = col.type.compile(dialect=self.engine.dialect)
+                    conn.execute(
+                        sa.text(f"ALTER TABLE {name} ADD COLUMN {prefix.quote(col.name)} {kind}")
+                    )
 
     def get_scan(self, scan_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -69,11 +106,23 @@ class Catalog:
             )
         return dict(row) if row else None
 
+    def scans_by_id(self) -> dict[str, dict[str, Any]]:
+        """Every scan row, labelled or not, keyed by scan id."""
+        with self.engine.connect() as conn:
+            return {r["scan_id"]: dict(r) for r in conn.execute(sa.select(scans)).mappings()}
+
     def upsert_scan(self, row: Mapping[str, Any]) -> None:
         """Insert or replace one scan (portable across SQLite and PostgreSQL)."""
+        self.upsert_scans([row])
+
+    def upsert_scans(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Insert or replace several scans in one transaction."""
+        rows = [dict(r) for r in rows]
+        if not rows:
+            return
         with self.engine.begin() as conn:
-            conn.execute(sa.delete(scans).where(scans.c.scan_id == row["scan_id"]))
-            conn.execute(sa.insert(scans).values(**row))
+            conn.execute(sa.delete(scans).where(scans.c.scan_id.in_([r["scan_id"] for r in rows])))
+            conn.execute(sa.insert(scans), rows)
 
     def list_scans(self, split: str | None = None, labelled: bool = True) -> list[dict[str, Any]]:
         """Scans ordered by id; optionally one split, optionally only labelled ones."""
@@ -92,14 +141,28 @@ class Catalog:
                 conn.execute(sa.update(scans).where(scans.c.scan_id == scan_id).values(split=split))
 
     def record_run(self, run: Mapping[str, Any], quarantined: Iterable[Mapping[str, Any]]) -> None:
-        """Store an ingest run and the files it quarantined."""
+        """Store an ingest run and the files it quarantined (one transaction)."""
         with self.engine.begin() as conn:
+            conn.execute(sa.delete(quarantine).where(quarantine.c.ingest_run == run["run_id"]))
             conn.execute(sa.delete(ingest_runs).where(ingest_runs.c.run_id == run["run_id"]))
             conn.execute(sa.insert(ingest_runs).values(**run))
             rows = [dict(q, ingest_run=run["run_id"]) for q in quarantined]
             if rows:
                 conn.execute(sa.insert(quarantine), rows)
 
-    def quarantined(self) -> list[dict[str, Any]]:
+    def quarantined(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Quarantined files: of one ingest run, or of every run."""
+        query = sa.select(quarantine).order_by(quarantine.c.id)
+        if run_id is not None:
+            query = query.where(quarantine.c.ingest_run == run_id)
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.select(quarantine)).mappings()]
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Completed ingest runs, oldest first."""
+        with self.engine.connect() as conn:
+            query = sa.select(ingest_runs).order_by(ingest_runs.c.started)
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def dispose(self) -> None:
+        self.engine.dispose()

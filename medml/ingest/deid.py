@@ -7,6 +7,7 @@ secret can test a guessed identity against a key.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import os
@@ -38,3 +39,24 @@ class KeyMaker:
         """``kind`` separates namespaces, so a patient id and a UID never collide."""
         digest = hmac.new(self._secret, f"{kind}:{value}".encode(), hashlib.sha256)
         return digest.hexdigest()[:length]
+
+    def date_offset_days(self, patient_id: str, max_days: int) -> int:
+        """A per-patient shift in ``[-max_days, max_days]``, the same in every run."""
+        if max_days <= 0:
+            return 0
+        digest = hmac.new(self._secret, f"dateshift:{patient_id}".encode(), hashlib.sha256)
+        return int.from_bytes(digest.digest()[:8], "big") % (2 * max_days + 1) - max_days
+
+
+def shift_date(value: str | None, offset_days: int) -> str | None:
+    """DICOM ``YYYYMMDD`` shifted by ``offset_days``, as ISO ``YYYY-MM-DD`` (None if unusable).
+
+    PS3.15 Annex E, *Retain Longitudinal Temporal Information with Modified Dates*: intervals
+    between one patient's studies survive, the calendar dates do not.
+    """
+    text = (value or "").strip()
+    try:
+        day = datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except (ValueError, IndexError):
+        return None
+    return (day + datetime.timedelta(days=offset_days)).isoformat()

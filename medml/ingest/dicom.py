@@ -1,174 +1,618 @@
-"""DICOM series: index headers, group into series, stack slices with exact geometry.
+"""DICOM series: index headers, classify objects, group into series, stack slices exactly.
 
 Slices are sorted along the slice normal (ImagePositionPatient . normal), never by
-InstanceNumber; RescaleSlope/Intercept are applied per slice; the affine maps voxel indices to
-RAS millimetres.
+InstanceNumber; RescaleSlope/Intercept are applied per slice; the affine maps voxel indices
+``(column, row, slice)`` to RAS millimetres. Enhanced (multi-frame) objects are expanded into
+one :class:`Slice` per frame with the frame's own geometry and rescale, so they go through the
+same grouping and checks as classic one-file-per-slice series.
+
+pydicom indexes and decodes: native and deflated syntaxes itself, RLE itself, JPEG (baseline,
+lossless), JPEG-LS and JPEG 2000 through the pylibjpeg plugins (pylibjpeg-libjpeg,
+pylibjpeg-openjpeg, pylibjpeg-rle). Native little-endian pixel data is read straight from the
+file bytes at the offset the header read recorded (a hand-written fast path: pydicom's own
+decoder re-parses the whole file per slice and is several times slower).
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+__all__ = ["InvalidDicomError"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Storage SOP classes that hold no image volume (SR, RTSTRUCT, SEG, PR, RT plans/doses, ...).
+PIXEL_DATA = 0x7FE00010
+# Values larger than this are not read with the header (pixel data is seeked over).
+DEFER_BYTES = 4096
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
 NON_IMAGE_MODALITIES = {
-    "SR",
-    "RTSTRUCT",
-    "RTPLAN",
-    "RTDOSE",
-    "RTRECORD",
-    "SEG",
-    "PR",
-    "KO",
-    "ECG",
-    "AU",
-    "DOC",
-    "REG",
-    "PLAN",
+    "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE", "SEG", "PR", "KO", "ECG",
+    "AU", "HD", "DOC", "REG", "PLAN", "FID", "RWV", "RESP", "EPS", "HC", "BI",
+}  # fmt: skip
+# SOP class UID prefixes of objects that hold no image volume.
+NON_IMAGE_SOP_PREFIXES = {
+    "1.2.840.10008.1.3.10": "DICOMDIR",
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report / key object",
+    "1.2.840.10008.5.1.4.1.1.481.": "RT object",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data / registration / segmentation",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
 }
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+# Header attributes that tell the volumes of a 4D series apart, tried in this order.
+FOUR_D_KEYS = (
+    "EchoNumbers",
+    "TemporalPositionIdentifier",
+    "TemporalPositionIndex",
+    "AcquisitionNumber",
+    "TriggerTime",
+    "DiffusionBValue",
+    "EchoTime",
+)
 
 
 class SeriesError(ValueError):
     """A series that cannot become a trustworthy volume; the message is the quarantine reason."""
 
+    def __init__(self, message: str, case: str = "conversion") -> None:
+        super().__init__(message)
+        self.case = case
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A policy case (see IngestConfig) and the human-readable reason."""
+
+    case: str
+    reason: str
+
+
+HEADER_FIELDS = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID",
+    "StudyDate", "Modality", "Rows", "Columns", "ImagePositionPatient",
+    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",
+    "RescaleIntercept", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+    "NumberOfFrames", "ImageType", "BurnedInAnnotation", *FOUR_D_KEYS,
+)  # fmt: skip
+
+
+class Header(dict):
+    """The few header values conversion needs, as plain Python values.
+
+    Small and cheap to pickle (a pydicom Dataset is ~3 kB pickled and slow to unpickle), so
+    thousands of slices travel to worker processes quickly. Reads like a Dataset: ``h.Rows``,
+    ``h.get("PatientID")``, ``"Rows" in h``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getstate__(self):
+        return dict(self)
+
+    def __setstate__(self, state):
+        self.update(state)
+
+
+def _plain(value: Any) -> Any:
+    """pydicom values (MultiValue, DSfloat, IS, UID, PersonName) as builtins."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [_plain(v) for v in value]
+    for kind in (int, float):
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
+def compact_header(ds: pydicom.Dataset) -> Header:
+    """A :class:`Header` from a Dataset read by :func:`read_header` (frames expanded)."""
+    h = Header()
+    for name in HEADER_FIELDS:
+        if name in ds:
+            value = ds[name].value
+            if value not in (None, ""):
+                h[name] = _plain(value)
+    meta = getattr(ds, "file_meta", None)
+    h["TransferSyntaxUID"] = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    elem = _pixel_element(ds)
+    h["_pixel_tell"] = getattr(elem, "value_tell", None)
+    if is_multiframe(ds):
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        h["_frames"] = [{k: _plain(v) for k, v in _frame_geometry(ds, i).items()} for i in range(n)]
+    return h
+
 
 @dataclass
 class Slice:
-    """Header facts of one image file, read without pixel data."""
+    """One image plane: a single-frame file, or one frame of a multi-frame file.
+
+    ``header`` may be a pydicom Dataset (it is then reduced to a :class:`Header`).
+    """
 
     path: Path
-    header: pydicom.Dataset
+    header: Header
+    frame: int | None = None
+    geometry: dict[str, Any] | None = None  # per-frame overrides for enhanced objects
+
+    def __post_init__(self) -> None:
+        if isinstance(self.header, pydicom.Dataset):
+            self.header = compact_header(self.header)
+
+    def _get(self, name: str, default: Any = None) -> Any:
+        if self.geometry and name in self.geometry:
+            return self.geometry[name]
+        return self.header.get(name, default)
 
     @property
     def position(self) -> np.ndarray:
-        return np.asarray(self.header.ImagePositionPatient, dtype=float)
+        return np.asarray(self._get("ImagePositionPatient"), dtype=float)
 
     @property
     def orientation(self) -> np.ndarray:
-        return np.asarray(self.header.ImageOrientationPatient, dtype=float)
+        return np.asarray(self._get("ImageOrientationPatient"), dtype=float)
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float]:
+        row, col = (float(v) for v in self._get("PixelSpacing"))
+        return row, col
+
+    @property
+    def rescale(self) -> tuple[float, float]:
+        slope = self._get("RescaleSlope", 1)
+        intercept = self._get("RescaleIntercept", 0)
+        return float(slope if slope not in (None, "") else 1), float(intercept or 0)
+
+    def key_value(self, name: str) -> Any:
+        value = self._get(name)
+        return None if value in (None, "") else str(value)
 
 
 @dataclass
 class Series:
-    """Slices sharing a SeriesInstanceUID, orientation and matrix size."""
+    """Slices sharing a SeriesInstanceUID, orientation and matrix size (and 4D index if split)."""
 
     uid: str
     slices: list[Slice] = field(default_factory=list)
+    split_by: str | None = None  # the 4D attribute this series was split on, if any
+    notes: list[str] = field(default_factory=list)
 
     @property
-    def first(self) -> pydicom.Dataset:
+    def first(self) -> Header:
         return self.slices[0].header
+
+    @property
+    def paths(self) -> list[Path]:
+        return sorted({s.path for s in self.slices})
+
+
+# ----------------------------------------------------------------------------- reading headers
+
+
+def _looks_like_headerless_dicom(path: Path) -> bool:
+    """Old exports write DICOM without the 128-byte preamble: it then starts with group 0008."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and head[:2] == b"\x08\x00" and head[2] in (0, 5, 8, 0x10, 0x16, 0x18)
 
 
 def read_header(path: Path) -> pydicom.Dataset:
-    """Read a DICOM header; raises InvalidDicomError for files that are not DICOM."""
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    """Read a DICOM header, large values (pixel data) deferred.
+
+    Raises InvalidDicomError for files that are not DICOM; other exceptions for broken ones.
+    """
+    try:
+        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
+    except InvalidDicomError:
+        if _looks_like_headerless_dicom(path):
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, force=True)
+            if "SOPClassUID" in ds:
+                return ds
+        raise
+
+
+def has_dicom_name(path: Path) -> bool:
+    return path.suffix.lower() in DICOM_SUFFIXES
 
 
 def is_dicom(path: Path) -> bool:
     try:
         read_header(path)
-    except (InvalidDicomError, OSError):
+    except Exception:
         return False
     return True
 
 
-def image_problem(ds: pydicom.Dataset) -> str | None:
-    """Why this DICOM object is not a slice of an image volume, or None if it is."""
-    modality = str(ds.get("Modality", ""))
-    if modality in NON_IMAGE_MODALITIES:
-        return f"non-image DICOM object (Modality {modality})"
-    missing = [
-        t
-        for t in (
-            "SeriesInstanceUID",
-            "Rows",
-            "Columns",
-            "ImagePositionPatient",
-            "ImageOrientationPatient",
-            "PixelSpacing",
-        )
-        if t not in ds
-    ]
-    if missing:
-        return f"DICOM without image geometry or pixel data (missing {', '.join(missing)})"
+def _pixel_element(ds: pydicom.Dataset):
+    return ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
+
+
+def _truncation(ds: pydicom.Dataset) -> str | None:
+    """The last element (usually pixel data) runs past the end of the file.
+
+    pydicom accepts short final values silently (deferred ones are seeked over), so a cut
+    file otherwise reads as a whole one; raw elements still carry their offset and length.
+    """
+    if not len(ds):
+        return None
+    elem = ds.get_item(max(ds.keys()), keep_deferred=True)
+    length = getattr(elem, "length", None)
+    tell = getattr(elem, "value_tell", None)
+    name = getattr(ds, "filename", None)
+    if elem is None or length in (None, 0xFFFFFFFF) or tell is None or not isinstance(name, str):
+        return None
+    size = os.path.getsize(name)
+    if tell + length > size:
+        return f"truncated: data needs {tell + length} bytes, file has {size}"
     return None
 
 
+def _multiframe_geometry_missing(ds: pydicom.Dataset) -> list[str]:
+    shared = ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [pydicom.Dataset()]
+    missing = []
+    for seq, label in (
+        ("PlanePositionSequence", "PlanePositionSequence"),
+        ("PlaneOrientationSequence", "PlaneOrientationSequence"),
+        ("PixelMeasuresSequence", "PixelMeasuresSequence"),
+    ):
+        if seq not in shared[0] and seq not in per_frame[0]:
+            missing.append(label)
+    return missing
+
+
+def is_multiframe(ds: pydicom.Dataset) -> bool:
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def image_problem(ds: pydicom.Dataset) -> str | None:
+    """Why this DICOM object cannot be a slice of an image volume, or None if it can.
+
+    Covers non-image objects, missing pixel data or geometry, and truncated files.
+    """
+    problem = classify(ds)
+    if problem and problem.case in {"unreadable", "non_image", "no_pixels"}:
+        return problem.reason
+    return None
+
+
+def classify(ds: pydicom.Dataset) -> Problem | None:
+    """The policy case of one DICOM object (None: an ordinary original image slice)."""
+    truncated = _truncation(ds)
+    if truncated:
+        return Problem("unreadable", f"unreadable DICOM: {truncated}")
+    sop = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    modality = str(ds.get("Modality", ""))
+    for prefix, what in NON_IMAGE_SOP_PREFIXES.items():
+        if sop.startswith(prefix):
+            return Problem("non_image", f"non-image DICOM object ({what}, Modality {modality})")
+    if modality in NON_IMAGE_MODALITIES:
+        return Problem("non_image", f"non-image DICOM object (Modality {modality})")
+    if PIXEL_DATA not in ds:
+        return Problem("no_pixels", "DICOM without pixel data")
+    required = ["SeriesInstanceUID", "Rows", "Columns"]
+    if is_multiframe(ds):
+        missing = [t for t in required if t not in ds] + _multiframe_geometry_missing(ds)
+    else:
+        required += ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"]
+        missing = [t for t in required if t not in ds]
+    if missing:
+        return Problem("no_pixels", f"DICOM without image geometry (missing {', '.join(missing)})")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return Problem("derived", "derived or secondary capture (colour image)")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "MOSAIC" in image_type:  # Siemens packs a whole volume into one tiled plane
+        return Problem("unsupported", "unsupported DICOM: Siemens mosaic (not converted)")
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        return Problem("localizer", f"localizer (ImageType {'/'.join(image_type)})")
+    if sop.startswith(SECONDARY_CAPTURE_PREFIX):
+        return Problem("derived", "derived or secondary capture (secondary capture SOP class)")
+    if image_type and (image_type[0] == "DERIVED" or "SECONDARY" in image_type[1:2]):
+        return Problem("derived", f"derived or secondary capture (ImageType {image_type[0]})")
+    if str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
+        return Problem("burned_in", "burned-in annotation (BurnedInAnnotation YES)")
+    return None
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def _frame_geometry(ds: pydicom.Dataset, i: int) -> dict[str, Any]:
+    """Geometry and rescale of frame ``i`` of an enhanced object (per-frame wins over shared)."""
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+    frame = frames[i] if i < len(frames) else pydicom.Dataset()
+    out: dict[str, Any] = {}
+    for seq, attrs in (
+        ("PlanePositionSequence", ("ImagePositionPatient",)),
+        ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+        ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness")),
+        ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+        ("FrameContentSequence", ("TemporalPositionIndex", "StackID")),
+        ("MREchoSequence", ("EffectiveEchoTime",)),
+        ("MRDiffusionSequence", ("DiffusionBValue",)),
+    ):
+        for group in (shared, frame):
+            if seq in group and len(group[seq].value):
+                item = group[seq][0]
+                for attr in attrs:
+                    if attr in item:
+                        out[attr] = item[attr].value
+    if "EffectiveEchoTime" in out:
+        out["EchoTime"] = out.pop("EffectiveEchoTime")
+    return out
+
+
+def expand_frames(s: Slice) -> list[Slice]:
+    """One Slice per frame for an enhanced multi-frame object; the slice itself otherwise."""
+    frames = s.header.get("_frames")
+    if s.frame is not None or not frames:
+        return [s]
+    return [Slice(s.path, s.header, i, g) for i, g in enumerate(frames)]
+
+
+def _positions_unique(slices: list[Slice], normal: np.ndarray) -> bool:
+    pos = np.round([float(s.position @ normal) for s in slices], 3)
+    return len(set(pos.tolist())) == len(pos)
+
+
 def group_series(slices: list[Slice]) -> list[Series]:
-    """Group by SeriesInstanceUID, split further by orientation and matrix size."""
-    groups: dict[tuple, Series] = {}
-    by_uid: dict[str, int] = defaultdict(int)
-    for s in slices:
-        h = s.header
-        key = (
-            str(h.SeriesInstanceUID),
-            tuple(np.round(s.orientation, 4)),
-            int(h.Rows),
-            int(h.Columns),
-        )
-        if key not in groups:
-            by_uid[key[0]] += 1
-            suffix = "" if by_uid[key[0]] == 1 else f".{by_uid[key[0]]}"
-            groups[key] = Series(uid=key[0] + suffix)
-        groups[key].slices.append(s)
-    return list(groups.values())
+    """Group by SeriesInstanceUID, split by orientation and matrix size, then by 4D index.
+
+    A 4D index (echo, temporal position, acquisition, trigger time, b-value) is split on only
+    where slice positions repeat and that attribute separates them: CT scanners that number
+    every slice as its own acquisition are not torn apart.
+    """
+    groups: dict[tuple, list[Slice]] = {}
+    orientations: dict[str, list[np.ndarray]] = defaultdict(list)
+    for s in (f for s0 in slices for f in expand_frames(s0)):
+        uid = str(s.header.SeriesInstanceUID)
+        iop = s.orientation
+        reps = orientations[uid]
+        idx = next((i for i, r in enumerate(reps) if np.max(np.abs(r - iop)) < 1e-3), None)
+        if idx is None:
+            reps.append(iop)
+            idx = len(reps) - 1
+        key = (uid, idx, int(s.header.Rows), int(s.header.Columns))
+        groups.setdefault(key, []).append(s)
+
+    out: list[Series] = []
+    for (uid, idx, rows, cols), members in groups.items():
+        n_split = sum(1 for k in groups if k[0] == uid)
+        base = uid if n_split == 1 else f"{uid}#o{idx}-{rows}x{cols}"
+        out.extend(_split_4d(base, members))
+    return out
+
+
+def _split_4d(uid: str, members: list[Slice]) -> list[Series]:
+    normal = slice_normal(members[0].orientation)
+    if _positions_unique(members, normal):
+        return [Series(uid, members)]
+    for key in FOUR_D_KEYS:
+        by_value: dict[Any, list[Slice]] = defaultdict(list)
+        for s in members:
+            by_value[s.key_value(key)].append(s)
+        if len(by_value) > 1 and all(_positions_unique(g, normal) for g in by_value.values()):
+            return [
+                Series(f"{uid}#{key}={value}", group, split_by=key)
+                for value, group in sorted(by_value.items(), key=lambda kv: str(kv[0]))
+            ]
+    return [Series(uid, members)]
+
+
+# ----------------------------------------------------------------------------- checks
 
 
 def slice_normal(orientation: np.ndarray) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def sort_and_check(series: Series, min_slices: int) -> np.ndarray:
-    """Sort slices along the normal in place; return the positions along it.
-
-    Raises SeriesError for too few slices, duplicate positions, or a gap over 1.5x the median.
-    """
-    if len(series.slices) < min_slices:
-        raise SeriesError(f"series has {len(series.slices)} slice(s), fewer than {min_slices}")
+def sort_slices(series: Series) -> np.ndarray:
+    """Sort slices along the normal in place; return their positions along it (mm)."""
     normal = slice_normal(series.slices[0].orientation)
     series.slices.sort(key=lambda s: float(s.position @ normal))
-    pos = np.array([float(s.position @ normal) for s in series.slices])
+    return np.array([float(s.position @ normal) for s in series.slices])
+
+
+def check_series(
+    series: Series,
+    min_slices: int = 2,
+    gap_factor: float = 1.5,
+    max_tilt_deg: float = 0.05,
+) -> list[Problem]:
+    """Sort the series and list what is wrong with it, most fundamental first."""
+    n = len(series.slices)
+    if n < min_slices:
+        reason = (
+            "single-slice series"
+            if n == 1
+            else f"series has {n} slices, fewer than min_slices={min_slices}"
+        )
+        return [Problem("single_slice", reason)]
+    pos = sort_slices(series)
+    if n < 2:
+        return []
+    problems: list[Problem] = []
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
         i = int(np.argmin(gaps))
-        raise SeriesError(f"duplicate slice position {pos[i]:.2f} mm (slices {i} and {i + 1})")
-    median = float(np.median(gaps))
-    if np.any(gaps > 1.5 * median):
-        i = int(np.argmax(gaps))
-        raise SeriesError(
-            f"missing slice: gap {gaps[i]:.1f} mm after slice {i} (median spacing {median:.1f} mm)"
+        problems.append(
+            Problem(
+                "duplicate_position",
+                f"duplicate slice position {pos[i]:.2f} mm (slices {i} and {i + 1} of {n}: "
+                f"{series.slices[i].path.name}, {series.slices[i + 1].path.name})",
+            )
         )
-    return pos
+        return problems
+    median = float(np.median(gaps))
+    if np.any(gaps > gap_factor * median) or np.any(gaps < median / gap_factor):
+        i = int(np.argmax(np.abs(gaps - median)))
+        problems.append(
+            Problem(
+                "missing_slice",
+                f"missing slice: gap {gaps[i]:.2f} mm after slice {i} of {n} "
+                f"(median spacing {median:.2f} mm)",
+            )
+        )
+    normal = slice_normal(series.slices[0].orientation)
+    step = series.slices[-1].position - series.slices[0].position
+    cos = abs(float(step @ normal)) / max(float(np.linalg.norm(step)), 1e-9)
+    tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
+    if tilt > max_tilt_deg:
+        problems.append(
+            Problem("gantry_tilt", f"gantry tilt {tilt:.2f} deg: slices are sheared, not stacked")
+        )
+    return problems
 
 
-def load_volume(series: Series) -> tuple[np.ndarray, np.ndarray]:
-    """Stack the (sorted) slices into ``(col, row, slice)`` data in real units and a RAS affine."""
+def sort_and_check(series: Series, min_slices: int = 2, gap_factor: float = 1.5) -> np.ndarray:
+    """Sort slices along the normal in place; return the positions along it.
+
+    Raises SeriesError for too few slices, duplicate positions, a gap over ``gap_factor`` x the
+    median, or gantry tilt.
+    """
+    problems = check_series(series, min_slices, gap_factor)
+    if problems:
+        raise SeriesError(problems[0].reason, problems[0].case)
+    return np.array([float(s.position @ slice_normal(s.orientation)) for s in series.slices])
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _native_plane(header: Header, blob: bytes) -> np.ndarray | None:
+    """Stored values read straight from the file bytes, where the layout allows it."""
+    start = header.get("_pixel_tell")
+    if (
+        header.get("TransferSyntaxUID") not in NATIVE_LE
+        or start is None
+        or int(header.get("SamplesPerPixel", 1)) != 1
+        or int(header.BitsAllocated) not in (8, 16)
+        or int(header.get("NumberOfFrames", 1) or 1) != 1
+    ):
+        return None
+    signed = int(header.get("PixelRepresentation", 0)) == 1
+    bits = int(header.BitsAllocated)
+    stored_bits = int(header.get("BitsStored", bits))
+    if signed and stored_bits != bits:
+        return None  # needs sign extension: pydicom does it
+    rows, cols = int(header.Rows), int(header.Columns)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    n = rows * cols * dtype.itemsize
+    if start + n > len(blob):
+        raise SeriesError("unreadable DICOM: pixel data shorter than Rows x Columns", "unreadable")
+    return np.frombuffer(blob, dtype, count=rows * cols, offset=start).reshape(rows, cols)
+
+
+def _decoded_frames(blob: bytes) -> np.ndarray:
+    ds = pydicom.dcmread(io.BytesIO(blob))
+    arr = ds.pixel_array
+    return arr if arr.ndim == 3 and int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr[None]
+
+
+def _value_range(s: Slice, slope: float, intercept: float) -> tuple[float, float]:
+    """The range a plane can take after rescale, from BitsStored and PixelRepresentation."""
+    h = s.header
+    bits = int(h.get("BitsStored", h.get("BitsAllocated", 16)) or 16)
+    signed = int(h.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    ends = (lo * slope + intercept, hi * slope + intercept)
+    return min(ends), max(ends)
+
+
+def _planes(series: Series, blobs: dict[Path, bytes]) -> list[np.ndarray]:
+    """Stored values of every slice: views into the file bytes where the layout allows."""
+    decoded: dict[Path, np.ndarray] = {}
     planes = []
     for s in series.slices:
-        ds = pydicom.dcmread(s.path)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        planes.append(ds.pixel_array.astype(np.float32) * slope + intercept)
-    data = np.stack(planes, axis=-1).transpose(1, 0, 2)  # (row, col, k) -> (col, row, k)
+        if s.path not in blobs:
+            blobs[s.path] = s.path.read_bytes()
+        plane = None if s.frame is not None else _native_plane(s.header, blobs[s.path])
+        if plane is None:
+            if s.path not in decoded:
+                decoded[s.path] = _decoded_frames(blobs[s.path])
+            plane = decoded[s.path][s.frame or 0]
+        planes.append(plane)
+    return planes
 
-    first = series.first
-    iop = series.slices[0].orientation
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    step = (
-        (series.slices[-1].position - series.slices[0].position) / (len(series.slices) - 1)
-        if len(series.slices) > 1
-        else slice_normal(iop) * float(first.get("SliceThickness", 1.0) or 1.0)
-    )
+
+def load_volume(
+    series: Series, blobs: dict[Path, bytes] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack the (sorted) slices into ``(col, row, slice)`` data in real units and a RAS affine.
+
+    ``blobs`` holds already-read file bytes (the caller hashed them); missing ones are read.
+    The output is int16 when every slope and intercept is whole and the values fit (CT),
+    int32 when whole but wider, float32 otherwise. One pass writes the output array.
+    """
+    blobs = dict(blobs or {})
+    planes = _planes(series, blobs)
+    rescales = [s.rescale for s in series.slices]
+    integral = all(float(a).is_integer() and float(b).is_integer() for a, b in rescales)
+    if integral:
+        ranges = [_value_range(s, a, b) for s, (a, b) in zip(series.slices, rescales)]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        if not (lo >= -(2**15) and hi < 2**15):  # the bit depth allows more: look at the values
+            ends = [
+                (float(p.min()) * a + b, float(p.max()) * a + b)
+                for p, (a, b) in zip(planes, rescales)
+            ]
+            lo, hi = min(min(e) for e in ends), max(max(e) for e in ends)
+        dtype = np.int16 if lo >= -(2**15) and hi < 2**15 else np.int32
+        work = np.int32
+    else:
+        dtype = work = np.float32
+    out = np.empty((len(planes), *planes[0].shape), dtype)
+    for k, (plane, (slope, intercept)) in enumerate(zip(planes, rescales)):
+        if slope == 1:
+            np.add(plane, work(intercept), out=out[k], dtype=work, casting="unsafe")
+        else:
+            tmp = np.multiply(plane, work(slope), dtype=work)
+            tmp += work(intercept)
+            out[k] = tmp
+    data = out.transpose(2, 1, 0)  # (col, row, slice), Fortran-contiguous view
+    return data, LPS_TO_RAS @ lps_affine(series)
+
+
+def lps_affine(series: Series) -> np.ndarray:
+    """Voxel ``(col, row, slice)`` to LPS mm, from the first and last slice (sorted)."""
+    first = series.slices[0]
+    iop = first.orientation
+    row_spacing, col_spacing = first.pixel_spacing
+    n = len(series.slices)
+    if n > 1:
+        step = (series.slices[-1].position - first.position) / (n - 1)
+    else:
+        step = slice_normal(iop) * float(first._get("SliceThickness", 1.0) or 1.0)
     lps = np.eye(4)
     lps[:3, 0] = iop[:3] * col_spacing  # along a row: column index increases
     lps[:3, 1] = iop[3:] * row_spacing  # down a column: row index increases
     lps[:3, 2] = step
-    lps[:3, 3] = series.slices[0].position
-    return data, LPS_TO_RAS @ lps
+    lps[:3, 3] = first.position
+    return lps
+
+
+def pixel_digest(s: Slice, blob: bytes) -> bytes:
+    """Stored pixel bytes of one plane, for telling identical duplicates from conflicting ones."""
+    plane = None if s.frame is not None else _native_plane(s.header, blob)
+    if plane is None:
+        plane = _decoded_frames(blob)[s.frame or 0]
+    return np.ascontiguousarray(plane).tobytes()

@@ -43,6 +43,7 @@ class IngestReport:
     started: str = field(default_factory=utc_now)
     finished: str | None = None
     files: list[FileRecord] = field(default_factory=list)
+    links_not_followed: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         by_status = Counter(r.status for r in self.files)
@@ -62,6 +63,8 @@ class IngestReport:
             "finished": self.finished,
             "counts": self.counts(),
             "files": [r.to_json() for r in sorted(self.files, key=lambda r: r.path)],
+            # Symlinks to folders and broken links: listed, never entered (loops cannot trap us).
+            "links_not_followed": sorted(self.links_not_followed),
         }
 
     def write(self, reports_dir: Path) -> Path:
