@@ -1,0 +1,99 @@
+"""Data-pipeline overhead of training: real loop volumes/s over model-only volumes/s.
+
+Both sides run the same optimiser steps on the same batches; "model only" replays batches
+already in memory, so the ratio is what loading, the cache and augmentation cost.
+"cached" reads the MONAI persistent cache (the normal case from the second epoch on);
+"uncached" runs the deterministic chain from the NIfTI files every time.
+
+    .venv/bin/python bench/train.py                 # synthetic CT, 32^3, CPU
+    .venv/bin/python bench/train.py --size 128      # on a GPU: AMP switches on by itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from monai.data import Dataset
+from torch.utils.data import DataLoader
+
+from medml.catalog import Catalog
+from medml.config import load_settings
+from medml.data.augment import Augmented
+from medml.data.dataset import cached_dataset, items_from_scans
+from medml.data.sampler import balanced_sampler
+from medml.data.transforms import deterministic_chain
+from medml.ingest import ingest
+from medml.losses import build_loss
+from medml.models import build_encoder
+from medml.models.inference import device
+from medml.synth import generate
+from medml.train.loop import MetricModel, _train_epoch, ensure_splits
+from medml.train.schedule import warmup_cosine
+from medml.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loop_rate(model, batches, settings, epochs: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = warmup_cosine(opt, 1, 10_000)
+    scaler = torch.amp.GradScaler(device().type, enabled=device().type == "cuda")
+    _train_epoch(model, batches, opt, sched, scaler, settings, False, 0)  # warm-up
+    rates = [_train_epoch(model, batches, opt, sched, scaler, settings, False, e)[1]
+             for e in range(epochs)]
+    return sorted(rates)[len(rates) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=32, help="network input edge (voxels)")
+    parser.add_argument("--patients", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side (median)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    args = parser.parse_args()
+
+    settings = load_settings(ROOT / "configs" / "demo.yaml", [
+        f"preprocess.spatial_size=[{args.size}, {args.size}, {args.size}]",
+        f"synth.n_patients={args.patients}", f"train.num_workers={args.workers}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws").ensure()
+        raw = generate(settings.synth, Path(tmp) / "raw", progress=False)
+        ingest(raw.out, ws, raw.labels_csv, settings.ingest, progress=False)
+        scans = ensure_splits(Catalog(ws.catalog_url), settings.split)
+        classes = sorted({s["label"] for s in scans})
+        items = items_from_scans(ws, scans, classes)
+        labels = [it["label"] for it in items]
+        sampler = balanced_sampler(labels, settings.train.m_per_class, settings.train.batch_size)
+
+        def loader(dataset):
+            return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
+                              num_workers=args.workers, pin_memory=device().type == "cuda")
+
+        cached = Augmented(cached_dataset(ws, settings.preprocess, items), settings.augment)
+        for i in range(len(cached)):  # fill the cache: the steady state from epoch 2 on
+            cached.base[i]
+        uncached = Augmented(Dataset(items, deterministic_chain(settings.preprocess)),
+                             settings.augment)
+        torch.manual_seed(0)
+        model = MetricModel(build_encoder(settings.model),
+                            build_loss(settings.loss, len(classes), settings.model.embedding_dim))
+        model.to(device())
+        in_memory = list(loader(cached))
+        model_only = _loop_rate(model, in_memory, settings, args.epochs)
+        with_cache = _loop_rate(model, loader(cached), settings, args.epochs)
+        without_cache = _loop_rate(model, loader(uncached), settings, args.epochs)
+
+    amp = device().type == "cuda" and settings.train.amp
+    print(f"device {device()}, input {args.size}^3, batch {sampler.batch_size}, AMP {amp}, "
+          f"{len(items)} volumes, torch threads {torch.get_num_threads()}")
+    print(f"model only        {model_only:8.1f} volumes/s")
+    print(f"loop, cached      {with_cache:8.1f} volumes/s   ratio {with_cache / model_only:.2f}")
+    print(f"loop, uncached    {without_cache:8.1f} volumes/s   ratio "
+          f"{without_cache / model_only:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Training: resume after a real kill, DDP under torchrun, early stopping, logged figures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from medml.tracking import configure
+from medml.train import checkpoint, train
+from medml.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "medml.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml")]
+
+
+def _copy(ws: Workspace, dest: Path) -> Workspace:
+    shutil.copytree(ws.root, dest)
+    for sub in ("checkpoints", "mlartifacts"):
+        shutil.rmtree(dest / sub, ignore_errors=True)
+    (dest / "mlflow.db").unlink(missing_ok=True)
+    return Workspace(dest).ensure()
+
+
+def _last_state(ws: Workspace) -> dict:
+    (path,) = ws.checkpoints.glob("*/last.pt")
+    return checkpoint.load(path)
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, ingested):
+    epochs = ["--set", "train.epochs=5"]
+    whole = _copy(ingested, tmp_path / "whole")
+    subprocess.run([*CLI, "--workspace", str(whole.root), *epochs], check=True,
+                   capture_output=True)
+
+    killed = _copy(ingested, tmp_path / "killed")
+    proc = subprocess.Popen([*CLI, "--workspace", str(killed.root), *epochs],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        lasts = list(killed.checkpoints.glob("*/last.pt"))
+        if lasts and checkpoint.load(lasts[0])["progress"]["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = _last_state(killed)["progress"]
+    assert not at_kill["finished"] and at_kill["epoch"] < 5
+
+    subprocess.run([*CLI, "--workspace", str(killed.root), *epochs, "--resume"], check=True,
+                   capture_output=True)
+    a, b = _last_state(whole), _last_state(killed)
+    assert b["progress"]["finished"] and b["progress"]["epoch"] == 5
+    assert a["run_id"] != b["run_id"]
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_ddp_two_processes_one_epoch(tmp_path, ingested):
+    ws = _copy(ingested, tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "medml.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--workspace", str(ws.root), "--set", "train.epochs=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"run_id"' in done.stdout.splitlines()[-1]
+    configure(ws)
+    runs = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()])
+    assert [r.data.params["world_size"] for r in runs] == ["2"]
+
+
+def test_early_stopping_checkpoints_and_figures(tmp_path, ingested, tiny_settings):
+    ws = _copy(ingested, tmp_path / "es")
+    settings = tiny_settings.model_copy(update={"train": tiny_settings.train.model_copy(
+        update={"epochs": 30, "early_stopping_patience": 1})})
+    result = train(settings, ws, progress=False)
+    state = _last_state(ws)["progress"]
+    assert state["finished"] and state["epoch"] < 30
+    assert state["epoch"] - state["best_epoch"] == 1
+    assert result.checkpoint.exists()
+    configure(ws)
+    client = MlflowClient()
+    files = {f.path for f in client.list_artifacts(result.run_id, "figures")}
+    assert {"figures/confusion_test.png", "figures/retrieval_test.png"} <= files
+    history = client.get_metric_history(result.run_id, "volumes_per_s")
+    assert len(history) == state["epoch"] and all(m.value > 0 for m in history)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "densenet121", "efficientnet-b0", "seresnet50"])
+def test_other_backbones_train_one_step(backbone):
+    from medml.config import LossConfig, ModelConfig
+    from medml.losses import build_loss
+    from medml.models import build_encoder
+    from medml.train.loop import MetricModel
+
+    model = MetricModel(build_encoder(ModelConfig(backbone=backbone, embedding_dim=8)),
+                        build_loss(LossConfig(name="softmax"), 2, 8))
+    loss = model(torch.randn(4, 1, 32, 32, 32), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_initial_weights_load_safely(tmp_path):
+    from medml.config import ModelConfig
+    from medml.models import build_encoder
+
+    source = build_encoder(ModelConfig())
+    path = tmp_path / "medicalnet.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}},
+               path)
+    loaded = build_encoder(ModelConfig(init_weights=path))
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(value, loaded.backbone.state_dict()[key])
+    bad = tmp_path / "other.pth"
+    torch.save({"unrelated": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="no tensor matches"):
+        build_encoder(ModelConfig(init_weights=bad))
