@@ -22,6 +22,8 @@ def deterministic_chain(cfg: PreprocessConfig, load: bool = True) -> mt.Compose:
         intensity = mt.ScaleIntensityRanged(
             KEY, a_min=cfg.window[0], a_max=cfg.window[1], b_min=0.0, b_max=1.0, clip=True
         )
+    elif cfg.modality == "mask":  # binary/label masks (e.g. AdrenalMNIST3D's 0/255 shapes)
+        intensity = mt.ScaleIntensityd(KEY, minv=0.0, maxv=1.0)
     else:
         intensity = mt.NormalizeIntensityd(KEY, nonzero=True, channel_wise=True)
     loader = [mt.LoadImaged(KEY, image_only=True, ensure_channel_first=True)] if load else []

@@ -308,6 +308,8 @@ def classify(ds: pydicom.Dataset) -> Problem | None:
         return Problem("non_image", f"non-image DICOM object (Modality {modality})")
     if PIXEL_DATA not in ds:
         return Problem("no_pixels", "DICOM without pixel data")
+    if sop.startswith(SECONDARY_CAPTURE_PREFIX):  # before geometry: SC objects often lack it
+        return Problem("derived", "derived or secondary capture (secondary capture SOP class)")
     required = ["SeriesInstanceUID", "Rows", "Columns"]
     if is_multiframe(ds):
         missing = [t for t in required if t not in ds] + _multiframe_geometry_missing(ds)
@@ -323,8 +325,6 @@ def classify(ds: pydicom.Dataset) -> Problem | None:
         return Problem("unsupported", "unsupported DICOM: Siemens mosaic (not converted)")
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
         return Problem("localizer", f"localizer (ImageType {'/'.join(image_type)})")
-    if sop.startswith(SECONDARY_CAPTURE_PREFIX):
-        return Problem("derived", "derived or secondary capture (secondary capture SOP class)")
     if image_type and (image_type[0] == "DERIVED" or "SECONDARY" in image_type[1:2]):
         return Problem("derived", f"derived or secondary capture (ImageType {image_type[0]})")
     if str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":

@@ -1,8 +1,10 @@
 """Synthetic datasets: phantoms written as real DICOM series and NIfTI, with ``labels.csv``.
 
-Each generator module (``covid_ct`` today; ``cirrhosis_mri`` and novel findings later) exposes
-``CLASSES``, a ``draw`` of per-study parameters and a ``render`` function; :func:`generate`
-does the writing, the identities and the label file for all of them.
+Each generator module (``covid_ct``: chest CT, COVID-19 severity; ``cirrhosis_mri``: abdominal
+MRI, fibrosis stage) exposes ``CLASSES`` (base), ``NOVEL_CLASSES`` (``--novel``),
+``MODALITY``, ``draw(label, cfg, rng)`` for the per-study parameters and ``render(params, cfg,
+rng)`` for the volume and its grid; :func:`generate` does the writing, the identities, the
+label file and (``--messy``) the messy export for all of them.
 """
 
 from __future__ import annotations
@@ -13,20 +15,24 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from medml.config import SynthConfig
 from medml.io import atomic_path, atomic_write_text
-from medml.synth import covid_ct
+from medml.synth import cirrhosis_mri, covid_ct
 from medml.synth.identity import Identity
-from medml.synth.writers import _uid, write_dicom_series, write_nifti
+from medml.synth.messy import EXPECTED, DicomStudy, write_messy
+from medml.synth.writers import SeriesMeta, _uid, write_dicom_series, write_nifti
 
 log = logging.getLogger(__name__)
 
+GENERATORS: dict[str, ModuleType] = {"covid-ct": covid_ct, "cirrhosis-mri": cirrhosis_mri}
 MANIFEST = "synth.json"  # the generating config; a rerun with the same config writes nothing
-LABEL_COLUMNS = ("patient_id", "study_uid", "series_uid", "path", "label")
+EXPECTED_INGEST = "expected_ingest.json"  # every file's expected ingest outcome
+LABEL_COLUMNS = ("patient_id", "study_uid", "series_uid", "path", "label", "class_set", "modality")
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,35 @@ class SynthResult:
     n_studies: int
 
 
+def class_names(cfg: SynthConfig) -> tuple[str, ...]:
+    """The classes ``cfg`` draws from, base classes first (novel ones with ``cfg.novel``)."""
+    gen = GENERATORS[cfg.kind]
+    return gen.CLASSES + (gen.NOVEL_CLASSES if cfg.novel else ())
+
+
+def series_meta(cfg: SynthConfig, params) -> SeriesMeta:
+    """DICOM series description of one study."""
+    if cfg.kind == "cirrhosis-mri":
+        return SeriesMeta(
+            "MR",
+            description=f"{params.weighting} {params.plane}",
+            body_part="ABDOMEN",
+            image_type=("ORIGINAL", "PRIMARY", "M", "ND"),
+            weighting=params.weighting,
+        )
+    return SeriesMeta("CT", description=f"CHEST {params.slice_thickness:.1f}mm")
+
+
 def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> SynthResult:
     """Write ``cfg.n_patients`` patients (some with a follow-up study) under ``out``.
 
     Deterministic for ``cfg.seed``: the same config writes the same voxels and UIDs, so when
     ``out`` already holds the dataset of this exact config (``synth.json``), nothing is
-    rewritten; a dataset of another config written there before is replaced. Classes are
-    balanced by cycling through them; with ``format: mixed`` a random 30 % of patients are
-    written as NIfTI, the rest as DICOM series.
+    rewritten; a dataset of another config written there before is replaced. Classes (base,
+    then novel with ``cfg.novel``) are balanced by cycling through them; with ``format: mixed``
+    a random 30 % of patients are written as NIfTI, the rest as DICOM series. With
+    ``cfg.messy`` a messy export is written around the first DICOM study. Every file's
+    expected ingest outcome goes to ``expected_ingest.json``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +86,13 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> SynthResult:
     if manifest.exists():  # our own earlier output, of another config
         for sub in ("dicom", "nifti"):
             shutil.rmtree(out / sub, ignore_errors=True)
+        for name in ("README.txt", EXPECTED_INGEST):
+            (out / name).unlink(missing_ok=True)
+    gen = GENERATORS[cfg.kind]
+    classes = class_names(cfg)
     rows: list[dict[str, str]] = []
+    cases: dict[str, str] = {}
+    first_dicom: DicomStudy | None = None
     n_nifti = {"dicom": 0, "nifti": cfg.n_patients, "mixed": round(0.3 * cfg.n_patients)}[
         cfg.format
     ]
@@ -69,17 +102,18 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> SynthResult:
     for pat in tqdm(range(cfg.n_patients), desc="synth", unit="patient", disable=not progress):
         rng = np.random.default_rng([cfg.seed, pat])
         identity = Identity.draw(rng)
-        label = pat % len(covid_ct.CLASSES)
+        label = pat % len(classes)
         as_dicom = pat not in nifti_patients
         n_studies = 2 if rng.random() < cfg.followup_fraction else 1
         for study in range(1, n_studies + 1):
-            params = covid_ct.ChestPatient.draw(label, cfg, rng)
-            volume, grid = covid_ct.render_chest(params, cfg, rng)
+            params = gen.draw(label, cfg, rng)
+            volume, grid = gen.render(params, cfg, rng)
             seed_key = f"{cfg.kind}-{cfg.seed}-{pat}-{study}"
             study_uid, series_uid = _uid(seed_key, "study"), _uid(seed_key, "series")
             if as_dicom:
                 rel = Path("dicom") / f"case-{pat:04d}" / f"study-{study}" / "series-1"
-                write_dicom_series(
+                meta = series_meta(cfg, params)
+                written = write_dicom_series(
                     volume,
                     grid,
                     out / rel,
@@ -89,23 +123,53 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> SynthResult:
                     study,
                     seed_key,
                     params.slice_thickness,
+                    meta,
                 )
+                cases.update({p.relative_to(out).as_posix(): "clean" for p in written})
+                if first_dicom is None:
+                    first_dicom = DicomStudy(
+                        out / rel, volume, grid, identity, study_uid, study, seed_key,
+                        params.slice_thickness, meta,
+                    )  # fmt: skip
             else:
                 rel = Path("nifti") / f"case-{pat:04d}-study-{study}.nii.gz"
                 write_nifti(volume, grid, out / rel, description=identity.name)
+                cases[rel.as_posix()] = "clean"
             rows.append(
                 {
                     "patient_id": identity.patient_id,
                     "study_uid": study_uid,
                     "series_uid": series_uid if as_dicom else "",
                     "path": rel.as_posix(),
-                    "label": covid_ct.CLASSES[label],
+                    "label": classes[label],
+                    "class_set": "base" if label < len(gen.CLASSES) else "novel",
+                    "modality": gen.MODALITY,
                 }
             )
+    if cfg.messy:
+        if first_dicom is None:
+            raise ValueError("--messy needs at least one DICOM study: use format dicom or mixed")
+        cases.update(write_messy(out, first_dicom))
     with atomic_path(labels_csv, suffix=".csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LABEL_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    for name in ("labels.csv", MANIFEST, EXPECTED_INGEST):
+        cases[name] = "not-image-file"
+    write_expected_ingest(out / EXPECTED_INGEST, cases)
     atomic_write_text(manifest, wanted)  # last: only a complete dataset is ever skipped
     log.info("wrote %d studies of %d patients to %s", len(rows), cfg.n_patients, out)
     return SynthResult(out, labels_csv, cfg.n_patients, len(rows))
+
+
+def write_expected_ingest(path: Path, cases: dict[str, str]) -> None:
+    """``{"files": {relative path: {"case", "status", "reason"}}}`` (reason: its prefix)."""
+    files = {
+        rel: {"case": case, "status": EXPECTED[case][0], "reason": EXPECTED[case][1]}
+        for rel, case in sorted(cases.items())
+    }
+    doc = {
+        "policy": "agreed default ingest outcomes: status, and the start of the reason",
+        "files": files,
+    }
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
