@@ -17,8 +17,9 @@ def configure(ws: Workspace) -> str:
     """Point MLflow at the workspace's tracking store; return its URI."""
     uri = ws.mlflow_uri
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:"):
-        mlflow.set_registry_uri(uri)
+    # The registry lives in the same store. Always set it: MLflow keeps the last one (even in
+    # $MLFLOW_REGISTRY_URI), and another workspace's must not linger in this process.
+    mlflow.set_registry_uri(uri)
     return uri
 
 
@@ -26,7 +27,10 @@ def use_experiment(ws: Workspace, name: str) -> str:
     """Create the experiment (artifacts under ``ws/mlartifacts``) if needed; make it active."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else ws.mlartifacts.as_uri()
+        # A tracking server stores artifacts where it is configured to; a database URI
+        # (SQLite, PostgreSQL) has no artifact store of its own: use the workspace's.
+        server = ws.mlflow_uri.split(":", 1)[0] in {"http", "https", "databricks"}
+        location = None if server else ws.mlartifacts.as_uri()
         exp_id = mlflow.create_experiment(name, artifact_location=location)
     else:
         exp_id = experiment.experiment_id

@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.batch_inference import batch_inference_flow
 from flows.pipeline import pipeline
 from medml.catalog import Catalog
+from medml.config import load_settings
 from medml.tracking import configure
 from medml.workspace import Workspace
 
 pytestmark = pytest.mark.slow
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_settings):
-    ws = Workspace(tmp_path_factory.mktemp("pipeline-ws"))
+def harness():
+    """One Prefect API for the module: the first run, the re-runs and the Dask run."""
     with prefect_test_harness(server_startup_timeout=180):
-        state = pipeline(tiny_settings, str(ws.root), return_state=True)
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(harness, tmp_path_factory, tiny_settings):
+    ws = Workspace(tmp_path_factory.mktemp("pipeline-ws"))
+    state = pipeline(tiny_settings, str(ws.root), return_state=True)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
     return ws, state, flow_run
 
 
@@ -98,3 +114,113 @@ def test_champion_loads_as_pyfunc_and_predicts_paths(run, tiny_raw):
     assert out.loc[1, "predicted_class"].startswith("CT-") and pd.isna(out.loc[1, "error"])
     assert pd.isna(out.loc[2, "predicted_class"]) and "missing.nii.gz" in out.loc[2, "error"]
     assert out.loc[1, "scan_id"] and len(out.loc[1, "scan_id"]) == 16
+
+
+# --- orchestration: caching, artifacts, Dask (these run last: they add model versions) ---
+
+CACHED_STEPS = ("synthesize", "ingest", "preprocess", "train", "prototypes", "predict-batch")
+
+
+def _task_states(flow_run_id) -> dict[str, set[str]]:
+    """State names of the task runs of a flow run and of its subflows, by task name."""
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        ids = [flow_run_id, *(f.id for f in subflows)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    states: dict[str, set[str]] = {}
+    for tr in runs:
+        states.setdefault(tr.name.rsplit("-", 1)[0], set()).add(tr.state.name)
+    return states
+
+
+def test_first_run_computed_every_step_and_made_artifacts(run):
+    _, state, _ = run
+    flow_run_id = state.state_details.flow_run_id
+    states = _task_states(flow_run_id)
+    for step in CACHED_STEPS:
+        assert states[step] == {"Completed"}, (step, states)
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    by_key = {a.key: a for a in arts}
+    assert {"ingest-report", "evaluation", "prediction-summary", "predictions"} <= set(by_key)
+    assert "Ingest of" in by_key["ingest-report"].data
+    assert "precision_at_1" in str(by_key["evaluation"].data)
+
+
+def test_rerun_skips_unchanged_steps_and_a_config_change_reruns_only_dependents(run, tiny_settings):
+    ws, first, _ = run
+    before = first.result()
+    again = pipeline(tiny_settings, str(ws.root), return_state=True)
+    assert again.is_completed(), again.message
+    states = _task_states(again.state_details.flow_run_id)
+    for step in CACHED_STEPS:
+        assert states[step] == {"Cached"}, (step, states)
+    result = again.result()
+    assert result["train"]["run_id"] == before["train"]["run_id"]
+    assert result["champion"]["version"] == before["champion"]["version"]
+    assert (ws.reports / "predictions.csv").exists()
+
+    # A new support-set seed changes the prototypes: they and the predictions re-run, the
+    # steps upstream (data, cache, training) come from the cache.
+    changed = load_settings(TINY_CONFIG, ["prototypes.seed=11"])
+    third = pipeline(changed, str(ws.root), return_state=True)
+    assert third.is_completed(), third.message
+    states = _task_states(third.state_details.flow_run_id)
+    for step in ("synthesize", "ingest", "preprocess", "train"):
+        assert states[step] == {"Cached"}, (step, states)
+    for step in ("prototypes", "predict-batch"):
+        assert states[step] == {"Completed"}, (step, states)
+    result = third.result()
+    assert result["train"]["run_id"] == before["train"]["run_id"]
+    assert int(result["champion"]["version"]) == int(before["champion"]["version"]) + 1
+
+
+def test_dask_runner_predicts_the_same_as_threads(run, tmp_path):
+    """predict-batch mapped on a 2-worker LocalCluster, compared with the thread runner."""
+    ws, _, _ = run
+    volumes = sorted(str(p) for p in ws.volumes.glob("*.nii.gz"))[:4]
+    frames = {}
+    for runner in ("threads", "dask"):
+        settings = load_settings(
+            TINY_CONFIG,
+            [
+                f"orchestration.task_runner={runner}",
+                "orchestration.dask_workers=2",
+                "orchestration.scans_per_task=2",
+                "orchestration.cache=false",  # both runs compute: no batch from the cache
+            ],
+        )
+        out = tmp_path / f"{runner}.csv"
+        summary = batch_inference_flow(
+            inputs=volumes, out=str(out), settings=settings, workspace=str(ws.root)
+        )
+        assert summary["n"] == 4 and summary["errors"] == 0
+        frames[runner] = pd.read_csv(out)
+    pd.testing.assert_frame_equal(frames["threads"], frames["dask"])
+
+
+def test_sweep_flow_tabulates_losses_and_is_cached_on_rerun(run):
+    """The sweep flow over medml.train.sweep: one row per loss, then skipped when unchanged."""
+    from flows.sweep import sweep_flow
+
+    ws, _, _ = run
+    settings = load_settings(TINY_CONFIG, ["train.epochs=1"])
+    first = sweep_flow(["triplet", "supcon"], 1, settings, str(ws.root), return_state=True)
+    assert first.is_completed(), first.message
+    result = first.result()
+    assert len(result["rows"]) == 2 and Path(result["table_md"]).exists()
+    flow_run_id = first.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert "sweep" in {a.key for a in arts}
+    again = sweep_flow(["triplet", "supcon"], 1, settings, str(ws.root), return_state=True)
+    assert _task_states(again.state_details.flow_run_id)["sweep"] == {"Cached"}
+    assert again.result()["parent_run_id"] == result["parent_run_id"]

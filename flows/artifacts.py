@@ -1,0 +1,88 @@
+"""Prefect artifacts (shown on the flow run page and under Artifacts in the UI).
+
+Created by the flow from each step's result, so a run whose steps came from the cache shows them
+too. Keys are stable: the UI keeps every version of ``ingest-report``, ``evaluation``, ...
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+MAX_ROWS = 50  # of quarantined files or errors listed in markdown; the files hold them all
+
+
+def ingest_report(result: dict[str, Any]) -> None:
+    """Counts and quarantined files of one ingest."""
+    report = json.loads(Path(result["report"]).read_text())
+    counts = report.get("counts", {})
+    lines = [
+        f"# Ingest of `{report.get('source')}`",
+        "",
+        "| " + " | ".join(counts) + " |",
+        "|" + "---|" * len(counts),
+        "| " + " | ".join(str(v) for v in counts.values()) + " |",
+        "",
+        f"Report: `{result['report']}`",
+    ]
+    quarantined = [f for f in report.get("files", []) if f.get("status") == "quarantined"]
+    if quarantined:
+        lines += ["", f"## Quarantined ({len(quarantined)})", "", "| file | reason |", "|---|---|"]
+        lines += [f"| `{f['path']}` | {f.get('reason', '')} |" for f in quarantined[:MAX_ROWS]]
+        if len(quarantined) > MAX_ROWS:
+            lines.append(f"| ... | {len(quarantined) - MAX_ROWS} more in the report |")
+    create_markdown_artifact(
+        "\n".join(lines), key="ingest-report", description="files ingested/skipped/quarantined"
+    )
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows += _flat(value, f"{prefix}{key}.")
+        elif key != "run_id":
+            rows.append({"metric": f"{prefix}{key}", "value": value})
+    return rows
+
+
+def evaluation(train: dict[str, Any]) -> None:
+    """The test metrics of a training run (the train/evaluate JSON contract)."""
+    create_table_artifact(
+        _flat(train["metrics"]),
+        key="evaluation",
+        description=f"test metrics of MLflow run {train['run_id']}",
+    )
+
+
+def sweep(result: dict[str, Any]) -> None:
+    """One row per loss (and seed) of a sweep, as the sweep's own table has them."""
+    create_table_artifact(
+        result["rows"],
+        key="sweep",
+        description=f"loss sweep under MLflow run {result['parent_run_id']}",
+    )
+    table_md = Path(result["table_md"])
+    if table_md.exists():
+        create_markdown_artifact(table_md.read_text(), key="sweep-table")
+
+
+def predictions(summary: dict[str, Any], model_uri: str) -> None:
+    """Class counts and errors of one batch inference."""
+    counts = summary.get("counts", {})
+    rows = [{"class": c, "scans": n} for c, n in sorted(counts.items())]
+    rows.append({"class": "error", "scans": summary.get("errors", 0)})
+    create_table_artifact(
+        rows, key="prediction-summary", description=f"{summary['n']} inputs with {model_uri}"
+    )
+    lines = [
+        f"# Predictions with `{model_uri}`",
+        "",
+        f"{summary['n']} inputs, {summary['errors']} errors: `{summary['predictions']}`",
+    ]
+    if "accuracy_vs_labels" in summary and summary["accuracy_vs_labels"] is not None:
+        lines.append(f"\nAccuracy against catalog labels: {summary['accuracy_vs_labels']:.3f}")
+    create_markdown_artifact("\n".join(lines), key="predictions")

@@ -1,0 +1,42 @@
+"""The ``ingest`` flow: a folder tree into the workspace catalog, with its report as artifact.
+
+Scheduled by ``medml serve`` over ``orchestration.ingest_source`` (``WS/incoming``). Ingest runs
+as one task: the report contract accounts for a whole source tree and labels match paths
+relative to it, so it is not split per folder (see docs/operations.md, "Scale-out").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows import artifacts
+from flows.runtime import run_step, start
+from flows.tasks import ingest_source, ingest_stale
+from medml.config import Settings
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(
+    source: str,
+    labels: str | None = None,
+    settings: Settings | None = None,
+    workspace: str | None = None,
+) -> dict[str, Any]:
+    """Ingest ``source`` (DICOM/NIfTI tree) into the workspace; skipped when nothing changed."""
+    settings, ws = start(settings, workspace)
+    result = run_step(
+        ingest_source,
+        settings,
+        ws,
+        "io",
+        stale=ingest_stale(str(ws.root)),
+        source=source,
+        labels=labels,
+        settings=settings,
+        workspace=str(ws.root),
+    )
+    artifacts.ingest_report(result)
+    get_run_logger().info("ingest of %s: %d scans", source, result["scans"])
+    return result

@@ -1,0 +1,354 @@
+"""The Prefect tasks: each calls one library function and returns a small JSON-able dict.
+
+Results are JSON so that they persist in the workspace and a re-run can reuse them; each task's
+cache key (``flows.caching``) names the config sections, data and code it depends on. Retries,
+timeouts and result storage are applied per run by ``flows.runtime.configured``.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.caching import (
+    catalog_fingerprint,
+    digest,
+    file_digest,
+    paths_fingerprint,
+    step_cache,
+    tree_fingerprint,
+)
+from flows.runtime import jsonable
+from medml.catalog import Catalog
+from medml.config import Settings
+from medml.workspace import Workspace
+
+# Settings sections that do not change what training produces: a new value re-runs only the
+# steps that read them.
+NOT_TRAINING = {"workspace", "synth", "ingest", "prototypes", "predict", "orchestration"}
+TRAIN_CODE = (
+    "medml.train",
+    "medml.models",
+    "medml.losses",
+    "medml.data",
+    "medml.evaluate",
+    "medml.predict",
+    "medml.tracking",
+)
+
+
+def _ws(workspace: str) -> Workspace:
+    return Workspace(Path(workspace)).ensure()
+
+
+def _training_key(p: dict[str, Any]) -> list[Any]:
+    ws = Workspace(Path(p["workspace"]))
+    return [
+        p["settings"].model_dump(mode="json", exclude=NOT_TRAINING),
+        catalog_fingerprint(ws.catalog_url, with_splits=True),
+        ws.mlflow_uri,
+        str(ws.root),
+    ]
+
+
+# --------------------------------------------------------------------------- synth, ingest
+
+
+@task(
+    name="synthesize",
+    cache_policy=step_cache(
+        lambda p: [p["settings"].synth, str(Workspace(Path(p["workspace"])).raw)],
+        "medml.synth",
+    ),
+)
+def synthesize(settings: Settings, workspace: str) -> dict[str, Any]:
+    """Write the synthetic export into ``WS/raw`` (medml.synth.generate)."""
+    from medml.synth import generate
+
+    result = generate(settings.synth, _ws(workspace).raw, progress=False)
+    get_run_logger().info("wrote %d studies of %d patients", result.n_studies, result.n_patients)
+    return {"raw": str(result.out), "labels": str(result.labels_csv), "studies": result.n_studies}
+
+
+@task(
+    name="ingest",
+    cache_policy=step_cache(
+        lambda p: [
+            p["settings"].ingest,
+            tree_fingerprint(p["source"]),
+            file_digest(p["labels"]),
+            str(Path(p["workspace"]).resolve()),
+            Workspace(Path(p["workspace"])).catalog_url,
+        ],
+        "medml.ingest",
+        "medml.catalog",
+    ),
+)
+def ingest_source(
+    source: str, labels: str | None, settings: Settings, workspace: str
+) -> dict[str, Any]:
+    """Ingest a folder tree into the workspace's catalog (medml.ingest.ingest)."""
+    from medml.ingest import ingest
+
+    result = ingest(source, _ws(workspace), labels, settings.ingest, progress=False)
+    get_run_logger().info("ingest counts %s, report %s", result.counts, result.report_path)
+    return jsonable(
+        {"report": str(result.report_path), **result.counts, "scan_ids": result.scan_ids}
+    )
+
+
+def ingest_stale(workspace: str) -> Any:
+    """Checks a cached ingest result: its scans are still in the catalog, with their volumes."""
+
+    def check(result: dict[str, Any]) -> str | None:
+        ws = Workspace(Path(workspace))
+        catalog = Catalog(ws.catalog_url)
+        for scan_id in result.get("scan_ids", []):
+            row = catalog.get_scan(scan_id)
+            if row is None:
+                return f"scan {scan_id} is not in the catalog"
+            if not (ws.root / row["volume"]).exists():
+                return f"volume {row['volume']} is missing"
+        return None
+
+    return check
+
+
+# --------------------------------------------------------------------- preprocess, training
+
+
+@task(
+    name="preprocess",
+    cache_policy=step_cache(
+        lambda p: [
+            p["settings"].preprocess,
+            p["settings"].split,
+            catalog_fingerprint(Workspace(Path(p["workspace"])).catalog_url, with_splits=False),
+            str(Path(p["workspace"]).resolve()),
+        ],
+        "medml.data",
+        "medml.catalog",
+    ),
+)
+def preprocess(settings: Settings, workspace: str) -> dict[str, Any]:
+    """Split patients, then fill the persistent MONAI cache so epochs read no raw file."""
+    from medml.data.dataset import cached_dataset, items_from_scans
+    from medml.train import ensure_splits
+
+    ws = _ws(workspace)
+    scans = ensure_splits(Catalog(ws.catalog_url), settings.split)
+    dataset = cached_dataset(ws, settings.preprocess, items_from_scans(ws, scans, []))
+    for i in range(len(dataset)):
+        dataset[i]
+    splits = pd.Series([s["split"] for s in scans]).value_counts().to_dict()
+    get_run_logger().info("cached %d volumes; splits %s", len(dataset), splits)
+    return jsonable({"cached": len(dataset), "splits": splits})
+
+
+@task(name="train", cache_policy=step_cache(_training_key, *TRAIN_CODE))
+def train_encoder(settings: Settings, workspace: str) -> dict[str, Any]:
+    """Train and evaluate an encoder, tracked in MLflow (medml.train.train)."""
+    from medml.train import train
+
+    result = train(settings, _ws(workspace), progress=False)
+    get_run_logger().info("run %s: test %s", result.run_id, result.metrics)
+    return jsonable(
+        {"run_id": result.run_id, "model_uri": result.model_uri, "metrics": result.metrics}
+    )
+
+
+@task(
+    name="sweep",
+    cache_policy=step_cache(
+        lambda p: [_training_key(p), list(p["losses"]), p["seeds"]], *TRAIN_CODE
+    ),
+)
+def sweep_losses(
+    settings: Settings, workspace: str, losses: list[str], seeds: int
+) -> dict[str, Any]:
+    """Train each loss under one parent MLflow run (medml.train.sweep.sweep)."""
+    from medml.train.sweep import sweep  # written alongside; imported only when a sweep runs
+
+    result = sweep(settings, _ws(workspace), losses, seeds=seeds, progress=False)
+    get_run_logger().info(
+        "sweep %s: %d runs, table %s", result.parent_run_id, len(result.rows), result.table_md
+    )
+    return jsonable(
+        {
+            "parent_run_id": result.parent_run_id,
+            "table_csv": str(result.table_csv),
+            "table_md": str(result.table_md),
+            "rows": result.rows,
+        }
+    )
+
+
+def run_stale(workspace: str, key: str = "run_id") -> Any:
+    """Checks a cached training result: its MLflow run still exists (not deleted)."""
+
+    def check(result: dict[str, Any]) -> str | None:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from medml.tracking import configure
+
+        configure(Workspace(Path(workspace)))
+        try:
+            run = MlflowClient().get_run(result[key])
+        except MlflowException:
+            return f"MLflow run {result[key]} is gone"
+        return None if run.info.lifecycle_stage == "active" else f"run {result[key]} deleted"
+
+    return check
+
+
+# ------------------------------------------------------------------------ prototypes
+
+
+def _support_key(p: dict[str, Any]) -> list[Any]:
+    ws = Workspace(Path(p["workspace"]))
+    data = (
+        file_digest(p["support"])
+        if p["support"]
+        else catalog_fingerprint(ws.catalog_url, with_splits=True, split="train")
+    )
+    return [p["model_uri"], p["settings"].prototypes, data, ws.mlflow_uri]
+
+
+@task(
+    name="prototypes",
+    cache_policy=step_cache(_support_key, "medml.fewshot", "medml.predict"),
+)
+def build_prototypes(
+    model_uri: str, settings: Settings, workspace: str, support: str | None = None
+) -> dict[str, Any]:
+    """K-shot support set (given, or drawn from the train split) -> prototypes -> registered
+    model version with the configured alias (medml.fewshot.register.register_prototypes)."""
+    from medml.fewshot.prototypes import select_support
+    from medml.fewshot.register import read_support, register_prototypes
+    from medml.io import atomic_path
+
+    pc, ws = settings.prototypes, _ws(workspace)
+    if support is None:
+        scans = Catalog(ws.catalog_url).list_scans(split="train")
+        rng = np.random.default_rng(pc.seed)
+        picks = select_support([s["label"] for s in scans], pc.shots, rng)
+        support = str(ws.reports / "support.csv")
+        with atomic_path(Path(support), suffix=".csv") as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "label", "scan_id"])
+            for i in picks:
+                s = scans[i]
+                writer.writerow([str(ws.root / s["volume"]), s["label"], s["scan_id"]])
+    reg = register_prototypes(model_uri, read_support(support), pc.model_name, pc.alias)
+    get_run_logger().info("registered %s version %s as @%s", reg.name, reg.version, reg.alias)
+    return jsonable({**asdict(reg), "support_csv": support})
+
+
+def version_stale(workspace: str) -> Any:
+    """Checks a cached registration: the model version still exists in the registry."""
+
+    def check(result: dict[str, Any]) -> str | None:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from medml.tracking import configure
+
+        configure(Workspace(Path(workspace)))
+        try:
+            MlflowClient().get_model_version(result["name"], result["version"])
+        except MlflowException:
+            return f"model version {result['name']}/{result['version']} is gone"
+        return None
+
+    return check
+
+
+# ---------------------------------------------------------------------- batch inference
+
+
+@task(name="resolve-model", cache_policy=NO_CACHE)
+def resolve_model(model_uri: str, workspace: str) -> dict[str, str]:
+    """An alias (``models:/NAME@champion``) to the version it points at now, plus a tag that
+    changes whenever that model changes (the predictions' cache keys use it)."""
+    from mlflow import MlflowClient
+
+    from medml.tracking import configure
+
+    configure(_ws(workspace))
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name, alias = model_uri.removeprefix("models:/").split("@", 1)
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+        return {
+            "uri": f"models:/{name}/{mv.version}",
+            "tag": digest(name, mv.version, mv.run_id, mv.creation_timestamp, mv.source),
+        }
+    return {"uri": model_uri, "tag": digest(model_uri)}
+
+
+@task(name="discover-inputs", cache_policy=NO_CACHE)
+def discover(inputs: list[str]) -> list[str]:
+    """NIfTI files and DICOM series folders under the given paths (medml.predict.batch)."""
+    from medml.predict.batch import discover_inputs
+
+    found = discover_inputs(inputs)
+    get_run_logger().info("%d inputs under %s", len(found), ", ".join(inputs))
+    return found
+
+
+@task(
+    name="predict-batch",
+    cache_policy=step_cache(
+        lambda p: [
+            p["model_tag"],
+            p["settings"].predict,
+            [r.get("scan_id") for r in p["rows"]],
+            paths_fingerprint(r["path"] for r in p["rows"]),
+        ],
+        "medml.predict",
+        "medml.models",
+        "medml.data",
+    ),
+)
+def predict_batch(
+    model_uri: str, model_tag: str, rows: list[dict[str, str]], settings: Settings, workspace: str
+) -> list[dict[str, Any]]:
+    """Predict one batch of inputs (medml.predict.batch.predict_frame); rows come back as JSON
+    records so a cached batch needs no file of its own."""
+    from medml.predict.batch import predict_frame
+    from medml.tracking import configure
+
+    ws = _ws(workspace)
+    configure(ws)
+    with tempfile.TemporaryDirectory(dir=ws.reports) as tmp:
+        summary = predict_frame(
+            model_uri,
+            pd.DataFrame(rows),
+            Path(tmp) / "part.csv",
+            settings.predict.batch_size,
+            progress=False,
+        )
+        frame = pd.read_csv(summary.out)
+    get_run_logger().info("%d inputs, %d errors", summary.n_inputs, summary.n_errors)
+    return jsonable(frame.astype(object).where(frame.notna(), None).to_dict("records"))
+
+
+@task(name="write-predictions", cache_policy=NO_CACHE)
+def write_predictions(parts: list[list[dict[str, Any]]], out: str) -> dict[str, Any]:
+    """Concatenate the batches into one CSV, written atomically."""
+    from medml.io import atomic_path
+
+    frame = pd.DataFrame([row for part in parts for row in part])
+    with atomic_path(Path(out), suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    errors = int(frame["error"].notna().sum()) if "error" in frame else 0
+    counts = frame["predicted_class"].value_counts().to_dict() if "predicted_class" in frame else {}
+    return jsonable({"predictions": out, "n": len(frame), "errors": errors, "counts": counts})
