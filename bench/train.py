@@ -1,7 +1,7 @@
 """Data-pipeline overhead of training: real loop volumes/s over model-only volumes/s.
 
-Both sides run the same optimiser steps on the same batches; "model only" replays batches
-already in memory, so the ratio is what loading, the cache and augmentation cost.
+Both sides run the same optimiser steps (batch augmentation included) on the same batches;
+"model only" replays batches already in memory, so the ratio is what loading costs.
 "cached" reads the MONAI persistent cache (the normal case from the second epoch on);
 "uncached" runs the deterministic chain from the NIfTI files every time.
 
@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 
 from medml.catalog import Catalog
 from medml.config import load_settings
-from medml.data.augment import Augmented
 from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.sampler import balanced_sampler
 from medml.data.transforms import deterministic_chain
@@ -42,8 +41,10 @@ def _loop_rate(model, batches, settings, epochs: int) -> float:
     sched = warmup_cosine(opt, 1, 10_000)
     scaler = torch.amp.GradScaler(device().type, enabled=device().type == "cuda")
     _train_epoch(model, batches, opt, sched, scaler, settings, False, 0)  # warm-up
-    rates = [_train_epoch(model, batches, opt, sched, scaler, settings, False, e)[1]
-             for e in range(epochs)]
+    rates = [
+        _train_epoch(model, batches, opt, sched, scaler, settings, False, e)[1]
+        for e in range(epochs)
+    ]
     return sorted(rates)[len(rates) // 2]
 
 
@@ -55,9 +56,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     args = parser.parse_args()
 
-    settings = load_settings(ROOT / "configs" / "demo.yaml", [
-        f"preprocess.spatial_size=[{args.size}, {args.size}, {args.size}]",
-        f"synth.n_patients={args.patients}", f"train.num_workers={args.workers}"])
+    settings = load_settings(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"preprocess.spatial_size=[{args.size}, {args.size}, {args.size}]",
+            f"synth.n_patients={args.patients}",
+            f"train.num_workers={args.workers}",
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp) / "ws").ensure()
         raw = generate(settings.synth, Path(tmp) / "raw", progress=False)
@@ -69,17 +75,23 @@ def main() -> None:
         sampler = balanced_sampler(labels, settings.train.m_per_class, settings.train.batch_size)
 
         def loader(dataset):
-            return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
-                              num_workers=args.workers, pin_memory=device().type == "cuda")
+            return DataLoader(
+                dataset,
+                batch_size=sampler.batch_size,
+                sampler=sampler,
+                num_workers=args.workers,
+                pin_memory=device().type == "cuda",
+            )
 
-        cached = Augmented(cached_dataset(ws, settings.preprocess, items), settings.augment)
+        cached = cached_dataset(ws, settings.preprocess, items)
         for i in range(len(cached)):  # fill the cache: the steady state from epoch 2 on
-            cached.base[i]
-        uncached = Augmented(Dataset(items, deterministic_chain(settings.preprocess)),
-                             settings.augment)
+            cached[i]
+        uncached = Dataset(items, deterministic_chain(settings.preprocess))
         torch.manual_seed(0)
-        model = MetricModel(build_encoder(settings.model),
-                            build_loss(settings.loss, len(classes), settings.model.embedding_dim))
+        model = MetricModel(
+            build_encoder(settings.model),
+            build_loss(settings.loss, len(classes), settings.model.embedding_dim),
+        )
         model.to(device())
         in_memory = list(loader(cached))
         model_only = _loop_rate(model, in_memory, settings, args.epochs)
@@ -87,12 +99,15 @@ def main() -> None:
         without_cache = _loop_rate(model, loader(uncached), settings, args.epochs)
 
     amp = device().type == "cuda" and settings.train.amp
-    print(f"device {device()}, input {args.size}^3, batch {sampler.batch_size}, AMP {amp}, "
-          f"{len(items)} volumes, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device()}, input {args.size}^3, batch {sampler.batch_size}, AMP {amp}, "
+        f"{len(items)} volumes, torch threads {torch.get_num_threads()}"
+    )
     print(f"model only        {model_only:8.1f} volumes/s")
     print(f"loop, cached      {with_cache:8.1f} volumes/s   ratio {with_cache / model_only:.2f}")
-    print(f"loop, uncached    {without_cache:8.1f} volumes/s   ratio "
-          f"{without_cache / model_only:.2f}")
+    print(
+        f"loop, uncached    {without_cache:8.1f} volumes/s   ratio {without_cache / model_only:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def test_adacos_updates_its_scale_only_when_dynamic_and_training():
     assert float(dyn.s) == s1
     # the loss itself is cross-entropy over s * cos, no margin
     logits = fixed.s * fixed.cosines(emb)
-    assert float(fixed(emb, y).detach()) == pytest.approx(float(F.cross_entropy(logits, y).detach()), rel=1e-6)
+    expected_ce = float(F.cross_entropy(logits, y).detach())
+    assert float(fixed(emb, y).detach()) == pytest.approx(expected_ce, rel=1e-6)
 
 
 def test_triplet_miners_and_margin_defaults():

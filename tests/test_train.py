@@ -126,3 +126,21 @@ def test_initial_weights_load_safely(tmp_path):
     torch.save({"unrelated": torch.zeros(3)}, bad)
     with pytest.raises(ValueError, match="no tensor matches"):
         build_encoder(ModelConfig(init_weights=bad))
+
+
+def test_batch_augmentation_is_seeded_flips_left_right_and_can_be_off():
+    from medml.config import AugmentConfig
+    from medml.data.augment import BatchAugment
+
+    x = torch.rand(6, 1, 12, 12, 12)
+    aug = BatchAugment(AugmentConfig())
+    a = aug(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, aug(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(4)))
+    off = BatchAugment(AugmentConfig(enabled=False))
+    assert off(x, torch.Generator()) is x
+    flip_only = BatchAugment(AugmentConfig(prob=0.0, flip_lr=True))
+    out = flip_only(x, torch.Generator().manual_seed(0))
+    for i in range(len(x)):
+        assert torch.allclose(out[i], x[i], atol=1e-5) or torch.allclose(out[i], x[i].flip(1),
+                                                                           atol=1e-5)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from medml.catalog import Catalog
 from medml.config import Settings, SplitConfig, flatten
-from medml.data.augment import Augmented
+from medml.data.augment import BatchAugment
 from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.sampler import balanced_sampler
 from medml.data.splits import assign_splits
@@ -95,15 +95,18 @@ def _train_epoch(
     settings: Settings,
     progress: bool,
     epoch: int,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """One pass over the sampler; returns mean loss and volumes per second."""
     dev = device()
     amp = settings.train.amp and dev.type == "cuda"
+    augment, gen = BatchAugment(settings.augment), torch.Generator().manual_seed(seed)
     model.train()
     losses, n_vol, start = [], 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
     for batch in bar:
         x, y = batch[KEY].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
+        x = augment(x, gen)
         with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
             loss = model(x, y)
         opt.zero_grad(set_to_none=True)
@@ -155,7 +158,7 @@ def train(
         raise ValueError("training needs at least two labelled classes in the train split")
 
     items = items_from_scans(ws, train_scans, classes)
-    train_ds = Augmented(cached_dataset(ws, settings.preprocess, items), settings.augment)
+    train_ds = cached_dataset(ws, settings.preprocess, items)
     labels = [it["label"] for it in items]
     sampler = balanced_sampler(labels, tc.m_per_class, tc.batch_size, shards=dist.world)
     loader = DataLoader(
@@ -203,10 +206,10 @@ def train(
             )
             mlflow.log_text(yaml.safe_dump(settings.model_dump(mode="json")), "config.yaml")
         for epoch in range(state.epoch + 1, tc.epochs + 1):
-            seed_everything(tc.seed * 1000 + epoch * 10 + dist.rank)
-            train_ds.set_epoch(tc.seed * 1000 + epoch * 10 + dist.rank)
+            epoch_seed = tc.seed * 1000 + epoch * 10 + dist.rank
+            seed_everything(epoch_seed)
             loss, vps = _train_epoch(
-                step_model, loader, opt, sched, scaler, settings, progress, epoch
+                step_model, loader, opt, sched, scaler, settings, progress, epoch, epoch_seed
             )
             stop = False
             if dist.main:
