@@ -40,7 +40,7 @@ app = typer.Typer(
 WorkspaceOpt = Annotated[
     Path | None,
     typer.Option(
-        "--workspace", "-w", help="Workspace folder [default: $MEDML_WORKSPACE or ./workspace]."
+        "--workspace", "-w", help="Workspace folder (default: $MEDML_WORKSPACE, else ./workspace)."
     ),
 ]
 ConfigOpt = Annotated[
@@ -102,13 +102,24 @@ def _main(
 
 @app.command()
 def synth(
-    kind: Annotated[str, typer.Argument(help="Dataset kind: covid-ct.")],
+    kind: Annotated[str, typer.Argument(help="Dataset kind: covid-ct or cirrhosis-mri.")],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder to write DICOM/NIfTI and labels.csv.")
     ],
     n_patients: Annotated[int, typer.Option(help="Number of patients.")] = 60,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     format: Annotated[str, typer.Option("--format", help="dicom, nifti or mixed.")] = "mixed",
+    novel: Annotated[
+        bool, typer.Option("--novel", help="Add finding classes for few-shot (class_set novel).")
+    ] = False,
+    messy: Annotated[
+        bool,
+        typer.Option(
+            "--messy",
+            help="Add localizers, an SR, duplicates, broken series, secondary captures, a README; "
+            "OUT/expected_ingest.json gives each file's expected ingest outcome.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -123,12 +134,45 @@ def synth(
             f"synth.n_patients={n_patients}",
             f"synth.seed={seed}",
             f"synth.format={format}",
+            *(["synth.novel=true"] if novel else []),
+            *(["synth.messy=true"] if messy else []),
         ],
     )
-    result = generate(settings.synth, out)
+    try:
+        result = generate(settings.synth, out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo(
         f"wrote {result.n_studies} studies of {result.n_patients} patients to {out}; "
         f"labels: {result.labels_csv}"
+    )
+
+
+@app.command("import-medmnist")
+def import_medmnist_cmd(
+    npz: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="MedMNIST 3D .npz (28^3 or 64^3).")
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Which of the six 3D sets (default: from the file name)."),
+    ] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Import a MedMNIST 3D set into the catalog, keeping its official splits and class names."""
+    from medml.medmnist import MedMNISTError, import_medmnist
+
+    ws = _workspace(workspace)
+    try:
+        result = import_medmnist(npz, ws, dataset)
+    except MedMNISTError as exc:
+        raise typer.BadParameter(str(exc), param_hint="NPZ") from exc
+    except Exception as exc:
+        _fail(exc)
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    typer.echo(
+        f"imported {result.dataset} ({result.size}^3, classes {', '.join(result.classes)}): "
+        f"{counts}; {result.written} volumes written to {ws.volumes}; catalog {ws.catalog_url}"
     )
 
 
@@ -145,16 +189,25 @@ def ingest_cmd(
             help="CSV with label + series_uid/path/study_uid/patient_id.",
         ),
     ] = None,
+    folder_labels: Annotated[
+        bool, typer.Option("--folder-labels", help="SRC/<label>/...: one folder per class.")
+    ] = False,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Ingest a folder into de-identified RAS NIfTI + catalog; write the ingest report."""
+    """Ingest a folder into de-identified RAS NIfTI + catalog; write the ingest report.
+
+    Policies per case (skip / quarantine / convert) are `ingest.on_*` settings, e.g.
+    `--set ingest.on_derived=convert`; see docs/ingestion.md.
+    """
     from medml.ingest import ingest
 
-    settings = _settings(config, None)
+    settings = _settings(config, set_)
     ws = _workspace(workspace, settings if config else None)
+    cfg = settings.ingest.model_copy(update={"folder_labels": True}) if folder_labels else None
     try:
-        result = ingest(src, ws, labels, settings.ingest)
+        result = ingest(src, ws, labels, cfg or settings.ingest)
     except Exception as exc:
         _fail(exc)
     c = result.counts
@@ -166,19 +219,70 @@ def ingest_cmd(
 
 @app.command("train")
 def train_cmd(
-    config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the latest unfinished run (or --run-id).")
+    ] = False,
+    run_id: Annotated[
+        str | None, typer.Option(help="With --resume: the MLflow run id to continue.")
+    ] = None,
 ) -> None:
-    """Train an encoder on the catalog's train split; prints the run id and test metrics as JSON."""
-    from medml.train import train
+    """Train an encoder on the catalog's train split; prints the run id and test metrics as JSON.
+
+    Under `torchrun --nproc-per-node N -m medml.cli train ...` it trains with
+    DistributedDataParallel (gloo on CPU, NCCL on GPU).
+    """
+    from medml.train import checkpoint, train
 
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
+    last = None
+    if resume:
+        last = (ws.checkpoints / run_id / "last.pt" if run_id
+                else checkpoint.find_resumable(ws.checkpoints))
+        if last is None or not last.exists():
+            raise typer.BadParameter(f"no checkpoint to resume in {ws.checkpoints}",
+                                     param_hint="--resume")
     try:
-        result = train(settings, ws)
+        result = train(settings, ws, resume=last)
     except Exception as exc:
         _fail(exc)
-    typer.echo(f"model: {result.model_uri}", err=True)
-    _json_line(result.metrics)
+    if result.run_id:  # rank 0 (or a single process) reports
+        typer.echo(f"model: {result.model_uri}", err=True)
+        _json_line(result.metrics)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    losses: Annotated[
+        str, typer.Option(help="Comma-separated losses, e.g. triplet,arcface,adacos,softmax.")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Seeds per loss (mean ± 95 % CI when > 1).")
+    ] = 1,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Train each loss on the same data, splits, seeds and budget under one MLflow parent run."""
+    from medml.config import LOSSES
+    from medml.train.sweep import sweep
+
+    names = [n.strip() for n in losses.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(LOSSES))
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown loss(es) {unknown}; choose from {', '.join(LOSSES)}",
+                                 param_hint="--losses")
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings)
+    try:
+        result = sweep(settings, ws, names, seeds, progress=True)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(result.table_md.read_text())
+    typer.echo(f"parent run {result.parent_run_id}; table: {result.table_csv}")
 
 
 @app.command("evaluate")
@@ -231,20 +335,49 @@ def prototypes_cmd(
     ],
     register: Annotated[str, typer.Option(help="Registered model name.")],
     alias: Annotated[str, typer.Option(help="Alias to point at the new version.")] = "champion",
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            help="Validation scans (CSV or class folders) to fit temperature and 'unknown' "
+            "threshold [default: the workspace catalog's val split, when it has one].",
+        ),
+    ] = None,
+    far: Annotated[
+        float | None,
+        typer.Option(help="Target false-accept rate of the 'unknown' threshold [config]."),
+    ] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Build class prototypes from a support set and register a new model version."""
-    from medml.fewshot.register import read_support, register_prototypes
+    from medml.fewshot.register import catalog_pairs, read_support, register_prototypes
     from medml.tracking import configure
 
-    configure(_workspace(workspace))
+    ws = _workspace(workspace)
+    configure(ws)
     try:
-        reg = register_prototypes(model, read_support(support), register, alias)
+        if validation is not None:
+            val = read_support(validation)
+        else:
+            try:
+                val = catalog_pairs(ws, "val")
+            except Exception:  # no catalog in this workspace: nothing to calibrate on
+                val = []
+        reg = register_prototypes(
+            model,
+            read_support(support),
+            register,
+            alias,
+            validation=val or None,
+            target_far=far,
+            workspace=ws,
+        )
     except Exception as exc:
         _fail(exc)
     typer.echo(
         f"registered {reg.name} version {reg.version} (@{reg.alias}) with classes "
         f"{', '.join(reg.classes)}: models:/{reg.name}@{reg.alias}"
+        + ("" if val else " (not calibrated: no validation scans)")
     )
 
 
@@ -256,8 +389,22 @@ def predict_cmd(
     model: Annotated[
         str, typer.Option("--model", "-m", help="MLflow model URI, e.g. models:/NAME@champion.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write (one row per input).")],
-    batch_size: Annotated[int, typer.Option(help="Scans per forward pass.")] = 8,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Output path; written as .csv and/or .parquet [predict.formats]."
+        ),
+    ],
+    batch_size: Annotated[int | None, typer.Option(help="Scans per forward pass.")] = None,
+    explain: Annotated[
+        Path | None,
+        typer.Option(help="Folder for a saliency PNG per scan beside its nearest support."),
+    ] = None,
+    rerun: Annotated[
+        bool, typer.Option("--rerun", help="Predict again scans this model already predicted.")
+    ] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Batch inference on new scans: class, probabilities, similarity; error rows for bad inputs."""
@@ -266,16 +413,55 @@ def predict_cmd(
     from medml.predict.batch import discover_inputs, predict_frame
     from medml.tracking import configure
 
+    pc = _settings(config, overrides).predict
     configure(_workspace(workspace))
     try:
-        frame = pd.DataFrame({"path": discover_inputs(inputs)})
-        summary = predict_frame(model, frame, out, batch_size)
+        frame = pd.DataFrame({"path": discover_inputs(inputs)}, dtype=object)
+        summary = predict_frame(
+            model,
+            frame,
+            out,
+            batch_size or pc.batch_size,
+            formats=pc.formats,
+            ledger=not rerun,
+            explain=explain,
+        )
     except Exception as exc:
         _fail(exc)
     typer.echo(
-        f"{summary.n_inputs} inputs, {summary.n_errors} errors, {summary.seconds:.1f}s; "
-        f"classes {summary.counts}; wrote {summary.out}"
+        f"{summary.n_inputs} inputs ({summary.n_skipped} already predicted by this model), "
+        f"{summary.n_errors} errors, {summary.seconds:.1f}s, {summary.scans_per_s:.2f} scans/s; "
+        f"classes {summary.counts}; wrote {', '.join(map(str, summary.files))}"
     )
+
+
+@app.command("promote")
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            help="Validation scans (CSV or class folders) [default: the catalog's val split].",
+        ),
+    ] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Compare @challenger with @champion on validation scans; move @champion if better."""
+    from medml.fewshot.promote import promote
+    from medml.fewshot.register import catalog_pairs, read_support
+    from medml.tracking import configure
+
+    ws = _workspace(workspace)
+    configure(ws)
+    try:
+        val = read_support(validation) if validation else catalog_pairs(ws, "val")
+        if not val:
+            raise ValueError("no validation scans: pass --validation")
+        result = promote(name, val)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(("promoted: " if result.promoted else "kept champion: ") + result.reason)
 
 
 @app.command("pipeline")
@@ -292,6 +478,39 @@ def pipeline_cmd(
     except Exception as exc:
         _fail(exc)
     _print_summary(result, ws)
+
+
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    start_server: Annotated[
+        bool,
+        typer.Option(
+            "--start-server", help="Start `prefect server start` on 127.0.0.1 if none is set."
+        ),
+    ] = False,
+) -> None:
+    """Serve the Prefect deployments until Ctrl-C: nightly batch inference over a watch folder,
+    scheduled ingest, and train/sweep/prototypes/pipeline on demand (see docs/operations.md)."""
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings).ensure()
+    from flows.serve import NO_SERVER_HELP, api_url, local_server, serve_deployments
+
+    url, o = api_url(), settings.orchestration
+    if url is None and not start_server:
+        typer.echo(NO_SERVER_HELP, err=True)
+        raise typer.Exit(1)
+    try:
+        if url is None:
+            with local_server(o.server_port, ws, o.server_start_timeout_s) as local:
+                typer.echo(f"Prefect server at {local} (UI {local.removesuffix('/api')})", err=True)
+                serve_deployments(settings, ws, local)
+        else:
+            serve_deployments(settings, ws, url)
+    except Exception as exc:
+        _fail(exc)
 
 
 def _print_summary(result: dict[str, Any], ws: Workspace) -> None:

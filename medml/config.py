@@ -22,31 +22,77 @@ class _Strict(BaseModel):
 class SynthConfig(_Strict):
     """Synthetic dataset written by ``medml synth``."""
 
-    kind: Literal["covid-ct"] = "covid-ct"
+    kind: Literal["covid-ct", "cirrhosis-mri"] = "covid-ct"
     n_patients: int = Field(60, ge=1)
     seed: int = 0
     format: Literal["dicom", "nifti", "mixed"] = "mixed"
     matrix: int = Field(96, ge=16, description="in-plane matrix size (voxels)")
     fov_mm: float = Field(360.0, gt=0, description="in-plane field of view")
-    z_extent_mm: float = Field(240.0, gt=0, description="cranio-caudal coverage")
+    z_extent_mm: float = Field(240.0, gt=0, description="through-plane coverage")
     slice_thickness_mm: tuple[float, float] = (4.0, 8.0)
     followup_fraction: float = Field(0.2, ge=0, le=1, description="patients with a 2nd study")
     difficulty: float = Field(
         1.0, ge=0, description="scales nuisances and class overlap; 0 makes classes clean"
     )
+    overlap: float = Field(
+        1.0, ge=0, description="how far severity strays into adjacent stages (x difficulty)"
+    )
+    nuisance: float = Field(
+        1.0, ge=0, description="pose, size, noise, blur, bias field, scanner scale (x difficulty)"
+    )
+    novel: bool = Field(False, description="add finding classes never used in training")
+    messy: bool = Field(False, description="surround the scans with a realistic messy export")
+    planes: tuple[float, float, float] = Field(
+        (0.5, 0.25, 0.25), description="MRI: weights of axial, coronal and oblique acquisitions"
+    )
+    oblique_deg: tuple[float, float] = Field((10.0, 30.0), description="MRI: oblique tilt range")
+    weightings: tuple[Literal["T1", "T2"], ...] = Field(
+        ("T1", "T2"), min_length=1, description="MRI contrasts drawn per patient"
+    )
+
+
+SkipOrQuarantine = Literal["skip", "quarantine"]
+Policy = Literal["skip", "quarantine", "convert"]
 
 
 class IngestConfig(_Strict):
-    """How ``medml ingest`` treats its input."""
+    """How ``medml ingest`` treats its input (see docs/ingestion.md for each case).
 
-    allow_burned_in: bool = False
+    ``convert`` converts anyway and adds a warning to the report.
+    """
+
+    allow_burned_in: bool = Field(False, description="shorthand for on_burned_in=convert")
     min_slices: int = Field(2, ge=1)
+    gap_factor: float = Field(1.5, gt=1, description="a gap over this x the median is a hole")
+    max_tilt_deg: float = Field(0.05, ge=0, description="slice shear above this is gantry tilt")
+    on_localizer: Policy = "skip"
+    on_non_image: SkipOrQuarantine = "skip"
+    on_derived: Policy = "skip"
+    on_missing_slice: Policy = "quarantine"
+    on_duplicate_position: SkipOrQuarantine = "quarantine"
+    on_single_slice: SkipOrQuarantine = "quarantine"
+    on_gantry_tilt: Policy = "quarantine"
+    on_burned_in: Policy = "quarantine"
+    on_4d: Literal["split", "quarantine"] = Field(
+        "split", description="series whose positions repeat per echo/time point"
+    )
+    dates: Literal["shift", "drop"] = "shift"
+    date_shift_max_days: int = Field(365, ge=0)
+    folder_labels: bool = Field(False, description="SRC/<label>/...: one folder per class")
+    workers: int = Field(0, ge=0, description="processes over series; 0 = one per CPU")
+    parallel_min_mb: float = Field(
+        64.0, ge=0, description="below this much pixel data, convert in-process"
+    )
+    gzip_level: int = Field(1, ge=0, le=3, description="ISA-L gzip level of the volumes")
+    commit_every_s: float = Field(1.0, ge=0, description="catalog rows are committed in batches")
 
 
 class PreprocessConfig(_Strict):
     """The deterministic MONAI chain whose output is cached."""
 
-    modality: Literal["CT", "MR"] = "CT"
+    modality: Literal["CT", "MR", "mask"] = Field(
+        "CT", description="intensity step: CT window, MR z-score, or mask (plain 0..1 scaling)"
+    )
     pixdim: tuple[float, float, float] = (6.0, 6.0, 6.0)
     window: tuple[float, float] = (-1150.0, 350.0)
     spatial_size: tuple[int, int, int] = (32, 32, 32)
@@ -60,22 +106,38 @@ class PreprocessConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "densenet121",
+             "efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "seresnet50")
+LOSSES = ("triplet", "arcface", "adacos", "cosface", "subcenter-arcface", "proxy-anchor",
+          "multi-similarity", "supcon", "softmax")
+
+
 class ModelConfig(_Strict):
     """Encoder: MONAI backbone + projection head + L2 normalisation."""
 
-    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet10"
-    conv1_t_stride: int = 2
-    widen_factor: float = Field(0.5, gt=0)
+    backbone: Literal[BACKBONES] = "resnet10"  # type: ignore[valid-type]
+    conv1_t_stride: int = Field(2, description="ResNets only: 2 is ~10x faster in 3D than 1")
+    widen_factor: float = Field(0.5, gt=0, description="ResNets only: channel multiplier")
     embedding_dim: int = Field(128, ge=2)
     head_hidden: int = Field(256, ge=2)
+    init_weights: Path | None = Field(
+        None, description="local backbone state dict (e.g. MedicalNet), read with weights_only"
+    )
 
 
 class LossConfig(_Strict):
-    """Metric-learning loss and miner (pytorch-metric-learning)."""
+    """Metric-learning loss (pytorch-metric-learning, plus AdaCos) and, for triplets, the miner.
 
-    name: Literal["triplet"] = "triplet"
-    margin: float = 0.2
-    miner: Literal["semihard", "hard", "all"] = "semihard"
+    ``margin`` and ``scale`` default per loss when left empty (see ``medml/losses``).
+    """
+
+    name: Literal[LOSSES] = "triplet"  # type: ignore[valid-type]
+    margin: float | None = Field(None, description="triplet/cosface/proxy: distance; arcface: deg")
+    scale: float | None = Field(None, description="arcface/cosface/subcenter scale s")
+    miner: Literal["semihard", "hard", "all", "batch-hard"] = "semihard"
+    adacos_dynamic: bool = Field(True, description="AdaCos: recompute s per batch (else fixed)")
+    subcenters: int = Field(3, ge=1)
+    temperature: float = Field(0.1, gt=0, description="SupCon temperature")
 
 
 class SplitConfig(_Strict):
@@ -93,6 +155,18 @@ class SplitConfig(_Strict):
         return self
 
 
+class AugmentConfig(_Strict):
+    """Random MONAI transforms applied after the cached deterministic chain (training only)."""
+
+    enabled: bool = True
+    prob: float = Field(0.5, ge=0, le=1)
+    rotate_deg: float = Field(10.0, ge=0)
+    scale: float = Field(0.1, ge=0, description="relative zoom range")
+    flip_lr: bool = Field(True, description="left-right flips (sound for bilateral findings)")
+    noise_std: float = Field(0.02, ge=0)
+    intensity_shift: float = Field(0.05, ge=0)
+
+
 class TrainConfig(_Strict):
     """Optimisation settings."""
 
@@ -100,7 +174,14 @@ class TrainConfig(_Strict):
     m_per_class: int = Field(4, ge=2)
     batch_size: int = Field(20, ge=2)
     lr: float = Field(1e-3, gt=0)
+    loss_lr: float = Field(1e-2, gt=0, description="lr of loss parameters (class weights, proxies)")
     weight_decay: float = 1e-4
+    warmup_epochs: int = Field(1, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val MAP@R"
+    )
+    amp: bool = Field(True, description="mixed precision when CUDA is present (ignored on CPU)")
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     experiment: str = "medml"
@@ -130,12 +211,49 @@ class PrototypeConfig(_Strict):
     )
     model_name: str = "medml-encoder"
     alias: str = "champion"
+    target_far: float | None = Field(
+        0.05, ge=0, le=1, description="false-accept rate the 'unknown' threshold is fitted for"
+    )
+    neighbours: int = Field(3, ge=0, description="nearest support scans listed per prediction")
 
 
 class PredictConfig(_Strict):
     """Batch inference."""
 
     batch_size: int = Field(8, ge=1)
+    formats: list[Literal["csv", "parquet"]] = Field(
+        ["csv", "parquet"], description="output files written beside each other"
+    )
+    explain_mask: int = Field(8, ge=1, description="occlusion patch size (voxels) of --explain")
+
+
+class OrchestrationConfig(_Strict):
+    """Prefect orchestration: step caching, retries, task runner, schedules of ``medml serve``."""
+
+    cache: bool = Field(True, description="skip pipeline steps whose inputs, config, code are same")
+    cache_days: float | None = Field(30.0, gt=0, description="cached step results expire after")
+    results: Path | None = Field(None, description="step results [default: WS/prefect-results]")
+    retries: int = Field(3, ge=0, description="retries of I/O steps (ingest, registry, predict)")
+    retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per retry")
+    io_timeout_s: float | None = Field(6 * 3600.0, gt=0, description="I/O step timeout")
+    train_timeout_s: float | None = Field(None, gt=0, description="train/sweep step timeout")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="runner of the map-heavy steps (predict per batch)"
+    )
+    max_workers: int = Field(4, ge=1, description="threads: mapped tasks at once")
+    dask_address: str | None = Field(
+        None, description="scheduler of a running Dask cluster (tcp://host:8786); none: local"
+    )
+    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster")
+    scans_per_task: int = Field(32, ge=1, description="batch inference: scans per mapped task")
+    watch_dir: Path | None = Field(None, description="nightly predictions [default: WS/inbox]")
+    predict_cron: str = "0 2 * * *"
+    ingest_source: Path | None = Field(None, description="scheduled ingest [default: WS/incoming]")
+    ingest_labels: Path | None = None
+    ingest_cron: str | None = "0 1 * * *"
+    timezone: str = "UTC"
+    server_port: int = Field(4200, ge=1, le=65535, description="medml serve --start-server")
+    server_start_timeout_s: float = Field(180.0, gt=0, description="wait for it to answer")
 
 
 class Settings(_Strict):
@@ -148,10 +266,12 @@ class Settings(_Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     prototypes: PrototypeConfig = PrototypeConfig()
     predict: PredictConfig = PredictConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

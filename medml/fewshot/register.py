@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import csv
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 
+from medml.fewshot.calibration import calibrate, save_curve_figure
 from medml.fewshot.prototypes import build_prototypes
 from medml.ingest.nifti import is_nifti_name
-from medml.predict.pyfunc import load_medml_model, log_model
+from medml.predict.pyfunc import MedmlModel, load_medml_model, log_model, thumbnails
+from medml.tracking import use_experiment
+from medml.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,30 @@ def read_support(support: str | Path) -> list[tuple[str, str]]:
     raise FileNotFoundError(f"support set not found: {support}")
 
 
+def embed_labelled(
+    model: MedmlModel, pairs: list[tuple[str, str]], what: str, thumbs: bool = False
+) -> tuple[np.ndarray, list[str], list[str], np.ndarray | None]:
+    """Embed ``(path, label)`` pairs in batches; fail naming every unreadable file.
+
+    Returns embeddings, labels, content scan ids and (optionally) middle-slice thumbnails.
+    """
+    size = model.settings.predict.batch_size
+    embs, ids, pics, bad = [], [], [], []
+    for i in range(0, len(pairs), size):
+        paths = [p for p, _ in pairs[i : i + size]]
+        vols, chunk_ids, errors = model.preprocess_paths(paths)
+        bad += [f"{p}: {e}" for p, e in zip(paths, errors) if e]
+        embs.append(model.embed_volumes(vols))
+        ids += [s or "" for s in chunk_ids]
+        if thumbs:
+            pics += [thumbnails(v) for v in vols if v is not None]
+    if bad:
+        raise ValueError(f"unreadable {what} scans:\n" + "\n".join(bad))
+    if not pairs:
+        raise ValueError(f"the {what} set is empty")
+    return np.concatenate(embs), [lab for _, lab in pairs], ids, np.stack(pics) if thumbs else None
+
+
 def register_prototypes(
     model_uri: str,
     support: list[tuple[str, str]],
@@ -51,29 +80,53 @@ def register_prototypes(
     alias: str | None = "champion",
     temperature: float | None = None,
     unknown_threshold: float | None = None,
+    validation: list[tuple[str, str]] | None = None,
+    target_far: float | None = None,
+    workspace: Workspace | None = None,
 ) -> Registered:
-    """Embed the support scans with the model's encoder and register encoder + new prototypes."""
+    """Embed the support scans with the model's encoder and register encoder + new prototypes.
+
+    With ``validation`` pairs, the temperature is fitted on them (minimum NLL) and, for the
+    target false-accept rate (argument, else config), the 'unknown' threshold; the curve goes
+    to the MLflow run as ``calibration/open_set_curve.{csv,png}``. Explicit ``temperature`` /
+    ``unknown_threshold`` arguments win over fitted and configured values. With ``workspace``,
+    the run goes to the model's training experiment (artifacts in the workspace).
+    """
     model = load_medml_model(model_uri)
-    paths, labels = [p for p, _ in support], [lab for _, lab in support]
-    emb, _, errors = model.embed_paths(paths)
-    bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e]
-    if bad:
-        raise ValueError("unreadable support scans:\n" + "\n".join(bad))
     pcfg = model.settings.prototypes
+    if workspace is not None:
+        use_experiment(workspace, model.settings.train.experiment)
+    emb, labels, ids, thumbs = embed_labelled(model, support, "support", thumbs=True)
     protos = build_prototypes(
-        emb,
-        labels,
-        temperature or pcfg.temperature,
-        unknown_threshold if unknown_threshold is not None else pcfg.unknown_threshold,
+        emb, labels, pcfg.temperature, pcfg.unknown_threshold, scan_ids=ids, thumbnails=thumbs
     )
+    cal = None
+    if validation:
+        v_emb, v_labels, _, _ = embed_labelled(model, validation, "validation")
+        far = target_far if target_far is not None else pcfg.target_far
+        protos, cal = calibrate(protos, v_emb, v_labels, far)
+    if temperature is not None:
+        protos.temperature = temperature
+    if unknown_threshold is not None:
+        protos.unknown_threshold = unknown_threshold
     with mlflow.start_run(run_name=f"prototypes-{name}") as run:
         mlflow.log_params(
             {
                 "source_model": model_uri,
-                "support_size": len(paths),
+                "support_size": len(support),
+                "validation_size": len(validation or []),
                 "classes": ",".join(protos.classes),
+                "temperature": protos.temperature,
+                "unknown_threshold": protos.unknown_threshold,
             }
         )
+        if cal is not None:
+            mlflow.log_metrics(cal.metrics())
+            with tempfile.TemporaryDirectory() as tmp:
+                cal.curve.to_csv(Path(tmp) / "open_set_curve.csv", index=False)
+                if len(cal.curve):
+                    save_curve_figure(cal, Path(tmp) / "open_set_curve.png")
+                mlflow.log_artifacts(tmp, artifact_path="calibration")
         info = log_model(model.encoder, protos, model.settings, registered_name=name)
     version = str(info.registered_model_version)
     if alias:
@@ -81,3 +134,15 @@ def register_prototypes(
     return Registered(
         name, version, alias or "", f"models:/{name}/{version}", run.info.run_id, protos.classes
     )
+
+
+def catalog_pairs(workspace: Workspace, split: str) -> list[tuple[str, str]]:
+    """``(volume path, label)`` of a catalog split's labelled base-class scans."""
+    from medml.catalog import Catalog
+
+    scans = Catalog(workspace.catalog_url).list_scans(split=split)
+    return [
+        (str(workspace.root / s["volume"]), s["label"])
+        for s in scans
+        if (s.get("class_set") or "base") == "base"
+    ]

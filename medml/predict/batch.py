@@ -1,18 +1,35 @@
-"""Batch inference: many scans through a registered model, one output row per input."""
+"""Batch inference: many scans through a registered model, one output row per input.
+
+Streams: each batch is read, embedded, classified and appended to the output files before the
+next one is read, so memory does not grow with the number of scans. Idempotent: a ledger next
+to the output (``<out>.ledger.jsonl``) records, per model (MLflow model uuid) and input
+fingerprint (path, size, mtime; hashed, so no path is stored), the row already predicted; a
+re-run with the same model re-emits those rows without reading the scans again. Error rows are
+never recorded, so a fixed input is retried.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from medml.ingest.nifti import is_nifti_name
 from medml.io import atomic_path
+from medml.predict.pyfunc import MedmlModel, prob_column
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,12 @@ class PredictionSummary:
     n_errors: int
     seconds: float
     counts: dict[str, int]
+    n_skipped: int = 0  # already predicted by this model (from the ledger)
+    files: list[Path] = field(default_factory=list)  # every output written
+
+    @property
+    def scans_per_s(self) -> float:
+        return self.n_inputs / self.seconds if self.seconds > 0 else float("nan")
 
 
 def discover_inputs(inputs: Sequence[str | Path]) -> list[str]:
@@ -39,19 +62,182 @@ def discover_inputs(inputs: Sequence[str | Path]) -> list[str]:
     return found
 
 
+def fingerprint(path: str, scan_id: str | None = None) -> str:
+    """Hash of an input's path, sizes and modification times (a folder: of its files)."""
+    h = hashlib.sha256(str(Path(path).resolve()).encode())
+    h.update(str(scan_id or "").encode())
+    p = Path(path)
+    entries = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+    for q in entries:
+        try:
+            st = q.stat()
+            h.update(f"{q.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"{q.name}:missing".encode())
+    return h.hexdigest()
+
+
+def ledger_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).stem + ".ledger.jsonl")
+
+
+def _read_ledger(path: Path, model_id: str) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line from a crash
+                entry = json.loads(line)
+                if entry.get("model") == model_id:
+                    done[entry["key"]] = entry["row"]
+    return done
+
+
+def arrow_schema(classes: list[str]) -> pa.Schema:
+    """Fixed output schema, so batches of only error rows append to the same Parquet file."""
+    return pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("predicted_class", pa.string()),
+            ("similarity", pa.float64()),
+            ("margin", pa.float64()),
+        ]
+        + [(prob_column(c), pa.float64()) for c in classes]
+        + [("unknown", pa.bool_()), ("nearest_support", pa.string()), ("error", pa.string())]
+    )
+
+
+class _Writers:
+    """Append batches to a CSV and/or a Parquet file; both renamed into place at the end."""
+
+    def __init__(self, stack: contextlib.ExitStack, paths: dict[str, Path], schema: pa.Schema):
+        self.tmp = {
+            fmt: stack.enter_context(atomic_path(p, suffix=p.suffix)) for fmt, p in paths.items()
+        }
+        self.schema = schema
+        self.header = True
+        self.parquet: pq.ParquetWriter | None = None
+        if "parquet" in self.tmp:
+            self.parquet = stack.enter_context(pq.ParquetWriter(self.tmp["parquet"], schema))
+        if "csv" in self.tmp:
+            self.tmp["csv"].write_text("")
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if "csv" in self.tmp:
+            frame.to_csv(self.tmp["csv"], mode="a", header=self.header, index=False)
+            self.header = False
+        if self.parquet is not None:
+            clean = frame.astype(object).where(frame.notna(), None)
+            self.parquet.write_table(pa.Table.from_pandas(clean, self.schema, preserve_index=False))
+
+
+def _batches(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
+    for i in range(0, len(frame), size):
+        yield frame.iloc[i : i + size].reset_index(drop=True)
+
+
 def predict_frame(
-    model_uri: str, frame: pd.DataFrame, out: Path, batch_size: int = 8, progress: bool = True
+    model_uri: str,
+    frame: pd.DataFrame,
+    out: Path,
+    batch_size: int = 8,
+    progress: bool = True,
+    formats: Sequence[str] | None = None,
+    ledger: bool = True,
+    explain: Path | None = None,
 ) -> PredictionSummary:
-    """Predict each row of ``frame`` (``path``, optional ``scan_id``); write a CSV atomically."""
+    """Predict each row of ``frame`` (``path``, optional ``scan_id``) into ``out``.
+
+    ``formats`` (``csv``/``parquet``) write ``out`` with each suffix; by default only ``out``
+    as named. ``explain`` writes a saliency PNG per predicted scan into that folder.
+    """
     start = time.perf_counter()
-    model = mlflow.pyfunc.load_model(model_uri)
-    parts = []
-    chunks = range(0, len(frame), batch_size)
-    for i in tqdm(chunks, desc="predict", unit="batch", disable=not progress):
-        parts.append(model.predict(frame.iloc[i : i + batch_size].reset_index(drop=True)))
-    result = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    with atomic_path(out, suffix=".csv") as tmp:
-        result.to_csv(tmp, index=False)
-    n_err = int(result["error"].notna().sum()) if len(result) else 0
-    counts = result["predicted_class"].value_counts().to_dict() if len(result) else {}
-    return PredictionSummary(Path(out), len(result), n_err, time.perf_counter() - start, counts)
+    out = Path(out)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    model: MedmlModel = pyfunc.unwrap_python_model()
+    model_id = pyfunc.metadata.model_uuid or model_uri
+    if formats is None:
+        formats = ["parquet" if out.suffix == ".parquet" else "csv"]
+    paths = {fmt: out.with_suffix(f".{fmt}") for fmt in formats}
+    book = ledger_path(out)
+    done = _read_ledger(book, model_id) if ledger else {}
+    given = frame["scan_id"] if "scan_id" in frame.columns else pd.Series([None] * len(frame))
+    keys = [
+        fingerprint(str(p), g if isinstance(g, str) else None) for p, g in zip(frame["path"], given)
+    ]
+    frame = frame.assign(_key=keys)
+    counts: Counter[str] = Counter()
+    n_err = n_skip = 0
+    bar = tqdm(total=len(frame), desc="predict", unit="scan", disable=not progress)
+    with contextlib.ExitStack() as stack:
+        writers = _Writers(stack, paths, arrow_schema(model.prototypes.classes))
+        ledger_fh = stack.enter_context(book.open("a")) if ledger else None
+        for batch in _batches(frame, batch_size):
+            cached = batch["_key"].isin(done).to_numpy()
+            parts = []
+            if cached.any():
+                rows_done = pd.DataFrame([done[k] for k in batch.loc[cached, "_key"]])
+                parts.append(rows_done.set_axis(np.flatnonzero(cached)))
+                n_skip += int(cached.sum())
+            todo = batch[~cached].reset_index(drop=True)
+            if len(todo):
+                vols, ids, errors = model.preprocess_paths([str(p) for p in todo["path"]])
+                if "scan_id" in todo.columns:
+                    ids = [
+                        g if isinstance(g, str) and g else own
+                        for g, own in zip(todo["scan_id"], ids)
+                    ]
+                rows, neighbours = model.rows(model.embed_volumes(vols), ids, errors)
+                parts.append(rows.set_axis(np.flatnonzero(~cached)))
+                for i, row in rows.iterrows():
+                    if errors[i] is None and explain is not None:
+                        from medml.predict.explain import write_explanation
+
+                        write_explanation(
+                            model,
+                            vols[i],
+                            row["scan_id"],
+                            row["predicted_class"],
+                            neighbours[i],
+                            Path(explain),
+                        )
+                    if errors[i] is None and ledger_fh is not None:
+                        record = {
+                            k: (None if isinstance(v, float) and np.isnan(v) else v)
+                            for k, v in row.items()
+                        }
+                        ledger_fh.write(
+                            json.dumps(
+                                {
+                                    "model": model_id,
+                                    "key": todo["_key"][i],
+                                    "row": _jsonable(record),
+                                }
+                            )
+                            + "\n"
+                        )
+                if ledger_fh is not None:
+                    ledger_fh.flush()
+                    os.fsync(ledger_fh.fileno())
+            result = pd.concat(parts).sort_index()  # input order
+            result = result.reindex(columns=list(writers.schema.names))
+            writers.write(result)
+            n_err += int(result["error"].notna().sum())
+            counts.update(result["predicted_class"].dropna().tolist())
+            bar.update(len(batch))
+        if writers.header:  # no inputs: still a valid, empty table
+            writers.write(pd.DataFrame(columns=list(writers.schema.names)))
+        bar.close()
+    seconds = time.perf_counter() - start
+    return PredictionSummary(
+        out.with_suffix(f".{formats[0]}"),
+        len(frame),
+        n_err,
+        seconds,
+        dict(counts),
+        n_skip,
+        list(paths.values()),
+    )
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}

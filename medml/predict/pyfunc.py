@@ -1,9 +1,10 @@
 """The deployable model: an MLflow pyfunc bundling encoder weights, prototypes and settings.
 
 Input: a DataFrame with a ``path`` column (NIfTI file or DICOM series folder) and optionally
-``scan_id``. Output: one row per input with the predicted class, a probability per class, the
-similarity to the nearest prototype, an unknown flag, and an error message where the input
-could not be read.
+``scan_id``. Output: one row per input with the predicted class (or 'unknown'), a probability
+per class, the similarity to the nearest prototype, the margin to the runner-up, the k nearest
+support scans (content ids, ';'-separated), an unknown flag, and an error message where the
+input could not be read. No input path or other identifying data is echoed back.
 """
 
 from __future__ import annotations
@@ -31,13 +32,38 @@ from medml.models.inference import device
 from medml.predict.loading import load_input
 
 ENTRY = Path(__file__).with_name("mlflow_entry.py")
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "path"), ColSpec("string", "scan_id", required=False)])
-)
+INPUTS = Schema([ColSpec("string", "path"), ColSpec("string", "scan_id", required=False)])
 
 
 def prob_column(name: str) -> str:
     return f"prob_{name}"
+
+
+def signature(classes: list[str]) -> ModelSignature:
+    """Input ``path`` (+ optional ``scan_id``); the output columns for these classes."""
+    out = [
+        ColSpec("string", "scan_id"),
+        ColSpec("string", "predicted_class"),
+        ColSpec("double", "similarity"),
+        ColSpec("double", "margin"),
+        *(ColSpec("double", prob_column(c)) for c in classes),
+        ColSpec("boolean", "unknown"),
+        ColSpec("string", "nearest_support"),
+        ColSpec("string", "error"),
+    ]
+    return ModelSignature(inputs=INPUTS, outputs=Schema(out))
+
+
+def thumbnails(volume: torch.Tensor) -> np.ndarray:
+    """Middle axial, coronal and sagittal slices of a ``(C, X, Y, Z)`` volume, ``(3, S, S)``."""
+    v = torch.as_tensor(volume)[0].float().cpu().numpy()
+    size = max(v.shape)
+    out = np.zeros((3, size, size), dtype=np.float16)
+    for i, sl in enumerate(
+        (v[:, :, v.shape[2] // 2], v[:, v.shape[1] // 2, :], v[v.shape[0] // 2, :, :])
+    ):
+        out[i, : sl.shape[0], : sl.shape[1]] = sl
+    return out
 
 
 class MedmlModel(PythonModel):
@@ -61,27 +87,38 @@ class MedmlModel(PythonModel):
         self._chain = deterministic_chain(self.settings.preprocess, load=False)
         return self
 
+    def preprocess_paths(
+        self, paths: list[str]
+    ) -> tuple[list[torch.Tensor | None], list[str | None], list[str | None]]:
+        """Network-ready volumes (None where unreadable), content scan ids, error messages."""
+        vols: list[torch.Tensor | None] = [None] * len(paths)
+        ids: list[str | None] = [None] * len(paths)
+        errors: list[str | None] = [None] * len(paths)
+        for i, p in enumerate(paths):
+            try:
+                tensor, ids[i] = load_input(p)
+                vols[i] = torch.as_tensor(self._chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
+            except Exception as exc:  # one bad input must not sink the batch
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        return vols, ids, errors
+
     @torch.no_grad()
+    def embed_volumes(self, vols: list[torch.Tensor | None]) -> np.ndarray:
+        """Embeddings of the given volumes in one forward pass (rows of NaN for None)."""
+        dim = self.prototypes.vectors.shape[1]
+        emb = np.full((len(vols), dim), np.nan, dtype=np.float32)
+        rows = [i for i, v in enumerate(vols) if v is not None]
+        if rows:
+            batch = torch.stack([vols[i] for i in rows]).to(device())
+            emb[rows] = self.encoder(batch).float().cpu().numpy()
+        return emb
+
     def embed_paths(
         self, paths: list[str]
     ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
         """Embeddings of readable inputs (rows of NaN otherwise), scan ids and error messages."""
-        dim = self.prototypes.vectors.shape[1]
-        emb = np.full((len(paths), dim), np.nan, dtype=np.float32)
-        ids: list[str | None] = [None] * len(paths)
-        errors: list[str | None] = [None] * len(paths)
-        tensors, rows = [], []
-        for i, p in enumerate(paths):
-            try:
-                tensor, ids[i] = load_input(p)
-                tensors.append(self._chain({KEY: tensor})[KEY])
-                rows.append(i)
-            except Exception as exc:  # one bad input must not sink the batch
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        if tensors:
-            batch = torch.stack([torch.as_tensor(t) for t in tensors]).to(device())
-            emb[rows] = self.encoder(batch).float().cpu().numpy()
-        return emb, ids, errors
+        vols, ids, errors = self.preprocess_paths(paths)
+        return self.embed_volumes(vols), ids, errors
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -93,19 +130,35 @@ class MedmlModel(PythonModel):
                 given if isinstance(given, str) and given else own
                 for given, own in zip(model_input["scan_id"], ids)
             ]
-        ok = np.array([e is None for e in errors])
+        return self.rows(emb, ids, errors)[0]
+
+    def rows(
+        self, emb: np.ndarray, ids: list[str | None], errors: list[str | None]
+    ) -> tuple[pd.DataFrame, list[list[int]]]:
+        """Output rows for embedded inputs, and each row's nearest support indices."""
+        ok = np.array([e is None for e in errors], dtype=bool)
+        neighbour_idx: list[list[int]] = [[] for _ in errors]
         classes = self.prototypes.classes
-        out = pd.DataFrame({"scan_id": ids, "predicted_class": None, "similarity": np.nan})
+        out = pd.DataFrame(
+            {"scan_id": ids, "predicted_class": None, "similarity": np.nan, "margin": np.nan}
+        )
         for c in classes:
             out[prob_column(c)] = np.nan
+        out["nearest_support"] = None
         if ok.any():
-            names, probs, best = self.prototypes.predict(emb[ok])
-            out.loc[ok, "predicted_class"] = names
-            out.loc[ok, "similarity"] = best
-            out.loc[ok, [prob_column(c) for c in classes]] = probs
+            d = self.prototypes.decide(emb[ok], self.settings.prototypes.neighbours)
+            out.loc[ok, "predicted_class"] = d.names
+            out.loc[ok, "similarity"] = d.best
+            out.loc[ok, "margin"] = d.margin
+            out.loc[ok, [prob_column(c) for c in classes]] = d.probs
+            out.loc[ok, "nearest_support"] = [";".join(n) for n in d.neighbours]
+            for i, idx in zip(np.flatnonzero(ok), d.neighbour_idx):
+                neighbour_idx[i] = idx.tolist()
         out["unknown"] = out["predicted_class"] == UNKNOWN
         out["error"] = errors
-        return out
+        columns = ["scan_id", "predicted_class", "similarity", "margin"]
+        columns += [prob_column(c) for c in classes] + ["unknown", "nearest_support", "error"]
+        return out[columns], neighbour_idx
 
 
 def log_model(
@@ -130,7 +183,7 @@ def log_model(
                     ("settings", "settings.yaml"),
                 )
             },
-            signature=SIGNATURE,
+            signature=signature(prototypes.classes),
             registered_model_name=registered_name,
             metadata={"medml_version": medml.__version__, "classes": prototypes.classes},
             pip_requirements=[f"medml=={medml.__version__}"],

@@ -1,0 +1,237 @@
+"""Deployable few-shot model: a new class from 5 scans without retraining, calibration logged,
+the registry by alias, `mlflow models predict` from the command line, champion/challenger,
+batch inference with error rows, Parquet, an idempotent re-run, and the explain PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from medml.cli import app
+from medml.fewshot.prototypes import select_support
+from medml.fewshot.register import catalog_pairs, register_prototypes
+from medml.predict.batch import ledger_path, predict_frame
+from medml.predict.pyfunc import load_medml_model
+from medml.tracking import configure
+from medml.train import train
+from medml.workspace import Workspace
+
+NAME = "medml-tiny"
+runner = CliRunner()
+
+
+def _noise_volume(path: Path, seed: int) -> str:
+    """A scan of a class the encoder never saw: uniform noise in a 24^3 volume."""
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(-1000, 400, size=(24, 24, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([8.0, 8.0, 8.0, 1.0])), str(path))
+    return str(path)
+
+
+def _missing(value) -> bool:
+    """JSON output writes a missing value as null or NaN."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ingested, tiny_settings):
+    """A 1-epoch model, v1 = base classes calibrated on val (@champion), noise scans on disk."""
+    root = tmp_path_factory.mktemp("predict")
+    shutil.copytree(ingested.root, root / "ws")
+    for sub in ("checkpoints", "mlartifacts"):
+        shutil.rmtree(root / "ws" / sub, ignore_errors=True)
+    (root / "ws" / "mlflow.db").unlink(missing_ok=True)
+    ws = Workspace(root / "ws").ensure()
+    settings = tiny_settings.model_copy(
+        update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
+    )
+    configure(ws)
+    trained = train(settings, ws, progress=False)
+    train_pairs = catalog_pairs(ws, "train")
+    picks = select_support([lab for _, lab in train_pairs], 2, np.random.default_rng(0))
+    base_support = [train_pairs[i] for i in picks]
+    val = catalog_pairs(ws, "val")
+    v1 = register_prototypes(
+        trained.model_uri, base_support, NAME, "champion", validation=val, workspace=ws
+    )
+    (root / "noise").mkdir()
+    noise = [_noise_volume(root / "noise" / f"n{s}.nii.gz", s) for s in range(10)]
+    return {"root": root, "ws": ws, "v1": v1, "support": base_support, "val": val, "noise": noise}
+
+
+def test_calibration_is_fitted_on_validation_and_logged(setup):
+    v1 = setup["v1"]
+    protos = load_medml_model(f"models:/{NAME}@champion").prototypes
+    assert protos.unknown_threshold is not None and -1.0 <= protos.unknown_threshold <= 1.0
+    assert len(protos.support_ids) == len(setup["support"]) and protos.thumbnails is not None
+    client = MlflowClient()
+    run = client.get_run(v1.run_id)
+    assert float(run.data.params["temperature"]) == pytest.approx(protos.temperature)
+    assert run.data.metrics["calib_nll_after"] <= run.data.metrics["calib_nll_before"] + 1e-9
+    logged = {a.path for a in client.list_artifacts(v1.run_id, "calibration")}
+    assert logged == {"calibration/open_set_curve.csv", "calibration/open_set_curve.png"}
+
+
+def test_new_class_from_five_scans_then_promote(setup):
+    root, ws = setup["root"], setup["ws"]
+    support_csv = root / "support.csv"
+    with support_csv.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(setup["support"])
+        w.writerows((p, "noise") for p in setup["noise"][:5])
+    res = runner.invoke(
+        app,
+        [
+            "prototypes",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--support",
+            str(support_csv),
+            "--register",
+            NAME,
+            "--alias",
+            "challenger",
+            "--workspace",
+            str(ws),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "@challenger" in res.output and "noise" in res.output
+    old = load_medml_model(f"models:/{NAME}@champion")
+    new = load_medml_model(f"models:/{NAME}@challenger")
+    assert new.prototypes.classes == sorted([*old.prototypes.classes, "noise"])
+    for k, v in old.encoder.state_dict().items():  # same encoder: no retraining
+        assert torch.equal(v, new.encoder.state_dict()[k])
+    # Unseen noise scans go to the new class; base scans keep their class unless they move to it.
+    queries = pd.DataFrame({"path": setup["noise"][5:] + [p for p, _ in setup["val"]]})
+    before = old.predict(None, queries)
+    after = new.predict(None, queries)
+    probs_after = after[[f"prob_{c}" for c in new.prototypes.classes]].to_numpy()
+    argmax_after = np.array(new.prototypes.classes)[probs_after.argmax(axis=1)]
+    assert list(argmax_after[:5]) == ["noise"] * 5
+    assert "prob_noise" not in before.columns
+    probs_before = before[[f"prob_{c}" for c in old.prototypes.classes]].to_numpy()
+    argmax_before = np.array(old.prototypes.classes)[probs_before.argmax(axis=1)]
+    moved = argmax_before != argmax_after
+    assert set(argmax_after[moved]) <= {"noise"}
+
+    # Champion/challenger on validation that includes the new class: the challenger wins.
+    val_csv = root / "val.csv"
+    with val_csv.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows(setup["val"])
+        w.writerows((p, "noise") for p in setup["noise"][5:])
+    res = runner.invoke(
+        app, ["promote", NAME, "--validation", str(val_csv), "--workspace", str(ws)]
+    )
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("promoted: challenger v2 is better than champion v1"), res.output
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    res = runner.invoke(
+        app, ["promote", NAME, "--validation", str(val_csv), "--workspace", str(ws)]
+    )
+    assert res.exit_code == 0 and res.output.startswith("kept champion: "), res.output
+
+
+def test_mlflow_models_predict_from_the_command_line(setup):
+    root, ws = setup["root"], setup["ws"]
+    good = setup["val"][0][0]
+    pd.DataFrame({"path": [good, str(root / "missing.nii.gz")]}).to_csv(
+        root / "input.csv", index=False
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ws.mlflow_uri}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.run(
+        [
+            str(mlflow_bin),
+            "models",
+            "predict",
+            "-m",
+            f"models:/{NAME}@champion",
+            "-i",
+            str(root / "input.csv"),
+            "-t",
+            "csv",
+            "--env-manager",
+            "local",
+            "-o",
+            str(root / "out.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((root / "out.json").read_text())["predictions"]
+    assert len(rows) == 2
+    assert _missing(rows[0]["error"]) and rows[0]["predicted_class"]
+    assert rows[0]["similarity"] <= 1.0 and rows[0]["margin"] >= 0
+    assert len(rows[0]["nearest_support"].split(";")) == 3
+    assert "missing.nii.gz" in rows[1]["error"] and _missing(rows[1]["predicted_class"])
+    # The same model through the Python API by alias.
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    assert model.metadata.signature.inputs.input_names() == ["path", "scan_id"]
+    frame = model.predict(pd.DataFrame({"path": [good]}))
+    assert frame.loc[0, "scan_id"] == rows[0]["scan_id"]
+
+
+def test_batch_error_rows_parquet_idempotent_rerun_and_explain(setup):
+    root = setup["root"]
+    inputs = root / "incoming"
+    inputs.mkdir()
+    good = [p for p, _ in setup["val"][:2]] + setup["noise"][5:6]
+    for i, p in enumerate(good):
+        shutil.copy(p, inputs / f"patient_{i}.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
+    rows = sorted(str(p) for p in inputs.iterdir()) + [str(root / "gone.nii.gz")]
+    out = root / "preds" / "predictions.csv"
+    summary = predict_frame(
+        f"models:/{NAME}@champion",
+        pd.DataFrame({"path": rows}),
+        out,
+        batch_size=2,
+        progress=False,
+        formats=["csv", "parquet"],
+        explain=root / "explain",
+    )
+    assert summary.n_inputs == 5 and summary.n_errors == 2 and summary.n_skipped == 0
+    csv_rows = pd.read_csv(out)
+    pq_rows = pd.read_parquet(out.with_suffix(".parquet"))
+    assert len(csv_rows) == len(pq_rows) == 5
+    assert list(csv_rows.scan_id.dropna()) == list(pq_rows.scan_id.dropna())
+    errors = csv_rows.error.dropna().tolist()
+    assert any("broken.nii.gz" in e for e in errors) and any("gone.nii.gz" in e for e in errors)
+    text = out.read_text()
+    assert "patient_" not in text and "path" not in csv_rows.columns  # nothing identifying
+    pngs = sorted((root / "explain").glob("*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
+
+    again = predict_frame(
+        f"models:/{NAME}@champion",
+        pd.DataFrame({"path": rows}),
+        out,
+        batch_size=2,
+        progress=False,
+        formats=["csv", "parquet"],
+    )
+    assert again.n_skipped == 3 and again.n_errors == 2 and again.n_inputs == 5
+    pd.testing.assert_frame_equal(pd.read_csv(out), csv_rows)
+    assert len(ledger_path(out).read_text().splitlines()) == 3
