@@ -233,7 +233,7 @@ def build_prototypes(
     """K-shot support set (given, or drawn from the train split) -> prototypes -> registered
     model version with the configured alias (medml.fewshot.register.register_prototypes)."""
     from medml.fewshot.prototypes import select_support
-    from medml.fewshot.register import read_support, register_prototypes
+    from medml.fewshot.register import catalog_pairs, read_support, register_prototypes
     from medml.io import atomic_path
 
     pc, ws = settings.prototypes, _ws(workspace)
@@ -248,7 +248,10 @@ def build_prototypes(
             for i in picks:
                 s = scans[i]
                 writer.writerow([str(ws.root / s["volume"]), s["label"], s["scan_id"]])
-    reg = register_prototypes(model_uri, read_support(support), pc.model_name, pc.alias)
+    # Temperature (and, with prototypes.target_far set, the 'unknown' threshold) are fitted on
+    # the catalog's validation split.
+    reg = register_prototypes(model_uri, read_support(support), pc.model_name, pc.alias,
+                              validation=catalog_pairs(ws, "val") or None, workspace=ws)
     get_run_logger().info("registered %s version %s as @%s", reg.name, reg.version, reg.alias)
     return jsonable({**asdict(reg), "support_csv": support})
 

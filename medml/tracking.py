@@ -16,10 +16,19 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def configure(ws: Workspace) -> str:
     """Point MLflow at the workspace's tracking store; return its URI."""
     uri = ws.mlflow_uri
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
-    # The registry lives in the same store. Always set it: MLflow keeps the last one (even in
-    # $MLFLOW_REGISTRY_URI), and another workspace's must not linger in this process.
+    # The registry lives in the same store. Always set it: MLflow keeps the last one, and
+    # another workspace's must not linger in this process.
     mlflow.set_registry_uri(uri)
+    if before["MLFLOW_TRACKING_URI"] is None:
+        # MLflow mirrors both into the environment; a workspace's own store must not leak
+        # into child processes (or later Workspace.mlflow_uri calls) as if the user set it.
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return uri
 
 

@@ -45,6 +45,7 @@ class Workspace:
 
     @property
     def mlflow_uri(self) -> str:
+        """``$MLFLOW_TRACKING_URI`` when the user set it, else SQLite in the workspace."""
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
 
     @property

@@ -44,3 +44,15 @@ def ingested(tmp_path_factory, tiny_raw, tiny_settings) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("ws")).ensure()
     ingest(tiny_raw, ws, tiny_raw / "labels.csv", tiny_settings.ingest, progress=False)
     return ws
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_environment():
+    """MLflow mirrors set_tracking_uri/set_registry_uri/set_experiment into MLFLOW_* variables;
+    restore them after each test so no test (or its subprocesses) inherits another's server."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if key not in saved:
+            del os.environ[key]
+    os.environ.update(saved)

@@ -15,7 +15,8 @@ def test_encoder_embeds_to_unit_vectors():
 def test_triplet_semihard_loss_falls_on_a_separable_set():
     torch.manual_seed(0)
     enc = build_encoder(ModelConfig(widen_factor=0.25, embedding_dim=8, head_hidden=16))
-    loss_fn, miner = build_loss(LossConfig(miner="all"), n_classes=2, embedding_dim=8)
+    bundle = build_loss(LossConfig(miner="all"), n_classes=2, embedding_dim=8)
+    loss_fn, miner = bundle.loss, bundle.miner
     # Two classes of tiny volumes: a bright cube in one corner or the other, plus noise.
     x = 0.3 * torch.randn(8, 1, 16, 16, 16)
     y = torch.tensor([0, 1] * 4)

@@ -74,14 +74,15 @@ def test_mlflow_run_has_params_epoch_metrics_and_contract_metrics(run, tiny_sett
     for metric in ("train_loss", "val_mean_average_precision_at_r", "val_precision_at_1", "lr"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == list(range(1, tiny_settings.train.epochs + 1)), metric
-    for metric in (
-        "test_precision_at_1",
-        "test_r_precision",
-        "test_mean_average_precision_at_r",
-        "test_accuracy",
-    ):
-        assert 0.0 <= data.metrics[metric] <= 1.0
     metrics = state.result()["train"]["metrics"]
+    assert 0.0 <= data.metrics["test_accuracy"] <= 1.0
+    # Retrieval metrics are undefined (NaN, not logged) when a tiny test split has a single
+    # scan of a class; whatever is finite must be logged and within [0, 1].
+    for key in ("precision_at_1", "r_precision", "mean_average_precision_at_r"):
+        value = metrics[key]
+        if value == value:
+            logged = data.metrics[f"test_{key}"]
+            assert 0.0 <= logged <= 1.0 and logged == pytest.approx(value)
     for key in (
         "run_id",
         "split",

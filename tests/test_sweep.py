@@ -74,7 +74,7 @@ def test_sweep_parent_children_and_metrics_via_rest(tmp_path, ingested, tiny_set
     assert len(children) == 2
     for run in children:
         metrics = {m["key"] for m in run["data"]["metrics"]}
-        assert {"train_loss", "val_mean_average_precision_at_r", "test_precision_at_1"} <= metrics
+        assert {"train_loss", "val_mean_average_precision_at_r", "test_accuracy"} <= metrics
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["medml.loss"] in {"triplet", "adacos"}
     parent = requests.get(f"{api}/runs/get", params={"run_id": result.parent_run_id},
