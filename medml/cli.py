@@ -240,11 +240,15 @@ def train_cmd(
     ws = _workspace(workspace, settings)
     last = None
     if resume:
-        last = (ws.checkpoints / run_id / "last.pt" if run_id
-                else checkpoint.find_resumable(ws.checkpoints))
+        last = (
+            ws.checkpoints / run_id / "last.pt"
+            if run_id
+            else checkpoint.find_resumable(ws.checkpoints)
+        )
         if last is None or not last.exists():
-            raise typer.BadParameter(f"no checkpoint to resume in {ws.checkpoints}",
-                                     param_hint="--resume")
+            raise typer.BadParameter(
+                f"no checkpoint to resume in {ws.checkpoints}", param_hint="--resume"
+            )
     try:
         result = train(settings, ws, resume=last)
     except Exception as exc:
@@ -273,8 +277,9 @@ def sweep_cmd(
     names = [n.strip() for n in losses.split(",") if n.strip()]
     unknown = sorted(set(names) - set(LOSSES))
     if unknown or not names:
-        raise typer.BadParameter(f"unknown loss(es) {unknown}; choose from {', '.join(LOSSES)}",
-                                 param_hint="--losses")
+        raise typer.BadParameter(
+            f"unknown loss(es) {unknown}; choose from {', '.join(LOSSES)}", param_hint="--losses"
+        )
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
     try:
@@ -322,6 +327,19 @@ def evaluate_cmd(
     _json_line({"run_id": run.info.run_id, **result})
 
 
+def _validation_pairs(ws: Workspace, validation: Path | None) -> list[tuple[str, str]]:
+    """Validation scans from ``--validation`` (CSV or class folders), else the catalog's val
+    split; empty when the workspace has no catalog to draw from."""
+    from medml.fewshot.register import catalog_pairs, read_support
+
+    if validation is not None:
+        return read_support(validation)
+    url = ws.catalog_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return []  # no catalog here: nothing to calibrate or compare on
+    return catalog_pairs(ws, "val")
+
+
 @app.command("prototypes")
 def prototypes_cmd(
     model: Annotated[
@@ -350,19 +368,13 @@ def prototypes_cmd(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Build class prototypes from a support set and register a new model version."""
-    from medml.fewshot.register import catalog_pairs, read_support, register_prototypes
+    from medml.fewshot.register import read_support, register_prototypes
     from medml.tracking import configure
 
     ws = _workspace(workspace)
     configure(ws)
     try:
-        if validation is not None:
-            val = read_support(validation)
-        else:
-            try:
-                val = catalog_pairs(ws, "val")
-            except Exception:  # no catalog in this workspace: nothing to calibrate on
-                val = []
+        val = _validation_pairs(ws, validation)
         reg = register_prototypes(
             model,
             read_support(support),
@@ -449,13 +461,12 @@ def promote_cmd(
 ) -> None:
     """Compare @challenger with @champion on validation scans; move @champion if better."""
     from medml.fewshot.promote import promote
-    from medml.fewshot.register import catalog_pairs, read_support
     from medml.tracking import configure
 
     ws = _workspace(workspace)
     configure(ws)
     try:
-        val = read_support(validation) if validation else catalog_pairs(ws, "val")
+        val = _validation_pairs(ws, validation)
         if not val:
             raise ValueError("no validation scans: pass --validation")
         result = promote(name, val)

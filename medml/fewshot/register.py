@@ -139,10 +139,7 @@ def register_prototypes(
 def catalog_pairs(workspace: Workspace, split: str) -> list[tuple[str, str]]:
     """``(volume path, label)`` of a catalog split's labelled base-class scans."""
     from medml.catalog import Catalog
+    from medml.evaluate.run import base_scans
 
-    scans = Catalog(workspace.catalog_url).list_scans(split=split)
-    return [
-        (str(workspace.root / s["volume"]), s["label"])
-        for s in scans
-        if (s.get("class_set") or "base") == "base"
-    ]
+    scans = base_scans(Catalog(workspace.catalog_url), split)
+    return [(str(workspace.root / s["volume"]), s["label"]) for s in scans]
