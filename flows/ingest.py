@@ -1,8 +1,9 @@
 """The ``ingest`` flow: a folder tree into the workspace catalog, with its report as artifact.
 
-Scheduled by ``medml serve`` over ``orchestration.ingest_source`` (``WS/incoming``). Ingest runs
-as one task: the report contract accounts for a whole source tree and labels match paths
-relative to it, so it is not split per folder (see docs/operations.md, "Scale-out").
+Scheduled by ``medml serve`` over ``orchestration.ingest_source`` (``WS/incoming``). Ingest is
+one cached step: the report accounts for a whole source tree and labels match paths relative to
+it. With ``orchestration.task_runner: dask`` its series conversions run as ``convert-scan`` tasks
+on the Dask cluster (see docs/operations.md, "A cluster").
 """
 
 from __future__ import annotations

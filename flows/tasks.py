@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ from flows.caching import (
     step_cache,
     tree_fingerprint,
 )
-from flows.runtime import jsonable
+from flows.runtime import jsonable, reachable_api, task_runner
 from medml.catalog import Catalog
-from medml.config import Settings
+from medml.config import OrchestrationConfig, Settings
+from medml.ingest import Converter, WorkerContext, failed
+from medml.ingest import Task as IngestTask
 from medml.workspace import Workspace
 
 # Settings sections that do not change what training produces: a new value re-runs only the
@@ -95,14 +98,52 @@ def synthesize(settings: Settings, workspace: str) -> dict[str, Any]:
 def ingest_source(
     source: str, labels: str | None, settings: Settings, workspace: str
 ) -> dict[str, Any]:
-    """Ingest a folder tree into the workspace's catalog (medml.ingest.ingest)."""
+    """Ingest a folder tree into the workspace's catalog (medml.ingest.ingest).
+
+    With the Dask runner each series is converted by a ``convert-scan`` task on the cluster;
+    indexing, the catalog and the report stay here, so the report covers the whole tree.
+    """
     from medml.ingest import ingest
 
-    result = ingest(source, _ws(workspace), labels, settings.ingest, progress=False)
+    o = settings.orchestration
+    converter = mapped_converter(o) if o.task_runner == "dask" else None
+    result = ingest(
+        source, _ws(workspace), labels, settings.ingest, progress=False, converter=converter
+    )
     get_run_logger().info("ingest counts %s, report %s", result.counts, result.report_path)
     return jsonable(
         {"report": str(result.report_path), **result.counts, "scan_ids": result.scan_ids}
     )
+
+
+@task(name="convert-scan", persist_result=False, cache_policy=NO_CACHE)
+def convert_scan(ctx: Any, job: Any) -> Any:
+    """One DICOM series or NIfTI file to its canonical volume (medml.ingest.convert).
+
+    Not cached and not persisted: its input holds DICOM headers, which never leave the
+    workers; the ingest step around it is what is cached.
+    """
+    from medml.ingest import convert
+
+    return convert(ctx, job)
+
+
+def mapped_converter(o: OrchestrationConfig) -> Converter:
+    """Convert each series as a ``convert-scan`` task on ``o``'s task runner (Dask).
+
+    The workers must see the source and the workspace at the same paths (a shared file system).
+    """
+
+    def run(ctx: WorkerContext, jobs: list[IngestTask]) -> Iterator[tuple[IngestTask, Any]]:
+        with reachable_api(o), task_runner(o) as runner:
+            futures = [runner.submit(convert_scan, {"ctx": ctx, "job": job}) for job in jobs]
+            for job, future in zip(jobs, futures):
+                try:
+                    yield job, future.result()
+                except Exception as exc:  # a worker died or the cluster went away
+                    yield job, failed(ctx, job, f"conversion failed: {type(exc).__name__}")
+
+    return run
 
 
 def ingest_stale(workspace: str) -> Any:
@@ -250,8 +291,14 @@ def build_prototypes(
                 writer.writerow([str(ws.root / s["volume"]), s["label"], s["scan_id"]])
     # Temperature (and, with prototypes.target_far set, the 'unknown' threshold) are fitted on
     # the catalog's validation split.
-    reg = register_prototypes(model_uri, read_support(support), pc.model_name, pc.alias,
-                              validation=catalog_pairs(ws, "val") or None, workspace=ws)
+    reg = register_prototypes(
+        model_uri,
+        read_support(support),
+        pc.model_name,
+        pc.alias,
+        validation=catalog_pairs(ws, "val") or None,
+        workspace=ws,
+    )
     get_run_logger().info("registered %s version %s as @%s", reg.name, reg.version, reg.alias)
     return jsonable({**asdict(reg), "support_csv": support})
 

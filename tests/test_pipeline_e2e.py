@@ -206,6 +206,41 @@ def test_dask_runner_predicts_the_same_as_threads(run, tmp_path):
     pd.testing.assert_frame_equal(frames["threads"], frames["dask"])
 
 
+def test_dask_runner_ingests_the_same_catalog_as_the_default(harness, tiny_raw, tmp_path,
+                                                           monkeypatch):
+    """Each series converted by a ``convert-scan`` task on a 2-worker LocalCluster."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from flows.ingest import ingest_flow
+
+    monkeypatch.setenv("MEDML_DEID_SECRET", "dask-vs-default")  # the same keys in both runs
+    states = {}
+    for runner in ("threads", "dask"):
+        settings = load_settings(
+            TINY_CONFIG,
+            [f"orchestration.task_runner={runner}", "orchestration.dask_workers=2"],
+        )
+        ws = Workspace(tmp_path / runner)
+        result = ingest_flow(
+            str(tiny_raw), str(tiny_raw / "labels.csv"), settings=settings, workspace=str(ws.root)
+        )
+        assert result["scans"] > 0 and result["quarantined"] == 0
+        rows = [
+            {k: v for k, v in r.items() if k != "ingest_run"}
+            for r in Catalog(ws.catalog_url).list_scans(labelled=False)
+        ]
+        volumes = {p.name: p.read_bytes() for p in sorted(ws.volumes.iterdir())}
+        states[runner] = (rows, volumes, result["scan_ids"])
+    assert states["dask"] == states["threads"]
+    with get_client(sync_client=True) as client:
+        converted = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="convert-scan"))
+        )
+    assert len([t for t in converted if t.state and t.state.is_completed()]) >= len(
+        states["dask"][0]
+    )
+
+
 def test_sweep_flow_tabulates_losses_and_is_cached_on_rerun(run):
     """The sweep flow over medml.train.sweep: one row per loss, then skipped when unchanged."""
     from flows.sweep import sweep_flow

@@ -24,8 +24,9 @@ class EpochBalancedSampler(MPerClassSampler):
         return super().__iter__()
 
 
-def balanced_sampler(labels: Sequence[int], m_per_class: int, batch_size: int,
-                     shards: int = 1) -> EpochBalancedSampler:
+def balanced_sampler(
+    labels: Sequence[int], m_per_class: int, batch_size: int, shards: int = 1
+) -> EpochBalancedSampler:
     """``batch_size`` is rounded down to a multiple of ``m_per_class`` and capped by classes.
 
     With ``shards`` > 1 (distributed training) each rank's sampler yields 1/shards of an epoch.
@@ -33,5 +34,6 @@ def balanced_sampler(labels: Sequence[int], m_per_class: int, batch_size: int,
     n_classes = len(set(labels))
     batch = min(batch_size - batch_size % m_per_class, m_per_class * n_classes)
     length = max(len(labels) // shards, batch)
-    return EpochBalancedSampler(list(labels), m=m_per_class, batch_size=batch,
-                                length_before_new_iter=length)
+    return EpochBalancedSampler(
+        list(labels), m=m_per_class, batch_size=batch, length_before_new_iter=length
+    )

@@ -6,7 +6,8 @@ re-run of the same tree adds nothing and rewrites nothing, and a run killed half
 nothing that the next run does not finish or replace.
 
 Steps: walk -> index headers and apply per-file policies -> group into series -> convert each
-series (in worker processes when there is enough data) -> catalog rows -> report.
+series (in worker processes when there is enough data, or on any other executor through
+``converter``, e.g. Prefect tasks on a Dask cluster) -> catalog rows -> report.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +92,11 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
-class _Context:
-    """What a worker needs; sent once per worker process."""
+class WorkerContext:
+    """What a conversion worker needs (sent once per worker process, or with each task).
+
+    It holds the de-identification key: send it only to workers trusted with the raw data.
+    """
 
     src: Path
     root: Path
@@ -100,19 +105,19 @@ class _Context:
     cfg: IngestConfig
 
 
-_CTX: _Context | None = None
+_CTX: WorkerContext | None = None
 
 
-def _init_worker(ctx: _Context) -> None:
+def _init_worker(ctx: WorkerContext) -> None:
     global _CTX
     _CTX = ctx
 
 
-def _rel(ctx: _Context, path: Path) -> str:
+def _rel(ctx: WorkerContext, path: Path) -> str:
     return path.relative_to(ctx.src).as_posix()
 
 
-def _clean(ctx: _Context, text: str) -> str:
+def _clean(ctx: WorkerContext, text: str) -> str:
     """Exception text without absolute source paths (they may name patients)."""
     return text.replace(str(ctx.src) + os.sep, "").replace(str(ctx.src), "")
 
@@ -125,18 +130,31 @@ def _policy(cfg: IngestConfig, case: str) -> str:
     )
 
 
+# Maps conversion over tasks somewhere else (e.g. a Dask cluster); yields each task's result.
+Converter = Callable[[WorkerContext, list[Task]], Iterable[tuple[Task, TaskResult]]]
+
+
 def _run_task(task: Task) -> TaskResult:
-    ctx = _CTX
-    assert ctx is not None
+    assert _CTX is not None
+    return convert(_CTX, task)
+
+
+def convert(ctx: WorkerContext, task: Task) -> TaskResult:
+    """Convert one series or NIfTI file to its canonical volume; failures become records."""
     try:
         if task.kind == "nifti":
             return _convert_nifti(ctx, task)
         return _convert_series(ctx, task)
     except Exception as exc:  # one bad series never stops the batch
-        paths = task.series.paths if task.series else [task.path]
         reason = _clean(ctx, f"conversion failed: {type(exc).__name__}: {exc}")
         log.warning("%s", reason)
-        return TaskResult([FileRecord(_rel(ctx, p), "quarantined", reason=reason) for p in paths])
+        return failed(ctx, task, reason)
+
+
+def failed(ctx: WorkerContext, task: Task, reason: str) -> TaskResult:
+    """Every file of ``task`` quarantined with ``reason``."""
+    paths = task.series.paths if task.series else [task.path]
+    return TaskResult([FileRecord(_rel(ctx, p), "quarantined", reason=reason) for p in paths])
 
 
 def _source_hash(keys: KeyMaker, blobs: dict[Path, bytes]) -> str:
@@ -146,7 +164,7 @@ def _source_hash(keys: KeyMaker, blobs: dict[Path, bytes]) -> str:
 
 
 def _drop_identical_duplicates(
-    ctx: _Context, series: dicom.Series, blobs: dict[Path, bytes]
+    ctx: WorkerContext, series: dicom.Series, blobs: dict[Path, bytes]
 ) -> list[FileRecord]:
     """Slices at the same position with identical pixels: keep the first path, skip the rest."""
     normal = dicom.slice_normal(series.slices[0].orientation)
@@ -175,7 +193,7 @@ def _drop_identical_duplicates(
     return records
 
 
-def _convert_series(ctx: _Context, task: Task) -> TaskResult:
+def _convert_series(ctx: WorkerContext, task: Task) -> TaskResult:
     cfg, series = ctx.cfg, task.series
     assert series is not None
     blobs: dict[Path, bytes] = {}
@@ -226,7 +244,7 @@ def _convert_series(ctx: _Context, task: Task) -> TaskResult:
     return done
 
 
-def _convert_nifti(ctx: _Context, task: Task) -> TaskResult:
+def _convert_nifti(ctx: WorkerContext, task: Task) -> TaskResult:
     path = task.path
     assert path is not None
     rel = _rel(ctx, path)
@@ -251,7 +269,7 @@ def _convert_nifti(ctx: _Context, task: Task) -> TaskResult:
     return done
 
 
-def _finish(ctx: _Context, task: Task, source_hash: str, fields: dict, load) -> TaskResult:
+def _finish(ctx: WorkerContext, task: Task, source_hash: str, fields: dict, load) -> TaskResult:
     """Convert and write unless the same source bytes already produced this scan's volume."""
     volume = ctx.volumes / f"{task.scan_id}.nii.gz"
     known = task.known
@@ -277,7 +295,7 @@ def _finish(ctx: _Context, task: Task, source_hash: str, fields: dict, load) -> 
     return TaskResult([], row)
 
 
-def _index_file(ctx: _Context, path: Path) -> tuple:
+def _index_file(ctx: WorkerContext, path: Path) -> tuple:
     """``("nifti", path)``, ``("record", FileRecord)`` or ``("slice", Slice, note)``."""
     rel = _rel(ctx, path)
     if nifti.is_nifti_name(path):
@@ -316,13 +334,21 @@ def _index_chunk(paths: list[Path]) -> list[tuple]:
 
 
 class _Ingestor:
-    def __init__(self, src: Path, ws: Workspace, labels: LabelIndex, cfg: IngestConfig) -> None:
+    def __init__(
+        self,
+        src: Path,
+        ws: Workspace,
+        labels: LabelIndex,
+        cfg: IngestConfig,
+        converter: Converter | None = None,
+    ) -> None:
         self.src, self.ws, self.labels, self.cfg = src, ws.ensure(), labels, cfg
+        self.converter = converter
         self.keys = KeyMaker(load_secret(ws.secret_file))
         self.catalog = Catalog(ws.catalog_url)
         self.report = IngestReport(source=str(src))
         self.run_id = uuid.uuid4().hex[:12]
-        self.ctx = _Context(src, ws.root, ws.volumes, self.keys, cfg)
+        self.ctx = WorkerContext(src, ws.root, ws.volumes, self.keys, cfg)
         self.records: list[FileRecord] = []
         self.pending: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
@@ -438,7 +464,10 @@ class _Ingestor:
                 t.known = self._known_nifti(t, known)
         # largest first, so one big series does not finish alone at the end
         tasks.sort(key=lambda t: -(len(t.series.slices) if t.series else 1))
-        if pool is None:
+        if self.converter is not None:
+            for t, result in self.converter(self.ctx, tasks):
+                collect(result, t)
+        elif pool is None:
             for t in tasks:
                 collect(_run_task(t), t)
         else:
@@ -448,11 +477,8 @@ class _Ingestor:
                 try:
                     result = fut.result()
                 except Exception as exc:  # a worker died (out of memory, killed)
-                    paths = t.series.paths if t.series else [t.path]
                     reason = f"conversion failed: worker died: {type(exc).__name__}"
-                    result = TaskResult(
-                        [FileRecord(self.rel(p), "quarantined", reason=reason) for p in paths]
-                    )
+                    result = failed(self.ctx, t, reason)
                 collect(result, t)
         bar.close()
 
@@ -533,8 +559,13 @@ def ingest(
     labels_csv: str | Path | None = None,
     cfg: IngestConfig | None = None,
     progress: bool = True,
+    converter: Converter | None = None,
 ) -> IngestResult:
-    """Ingest every file under ``src`` into ``ws``; return the report path and counts."""
+    """Ingest every file under ``src`` into ``ws``; return the report path and counts.
+
+    Headers are indexed here (in local worker processes when there is enough data); series
+    conversion runs in the same processes, or through ``converter`` when one is given.
+    """
     cfg = cfg or IngestConfig()
     src = Path(src).resolve()
     if not src.is_dir():
@@ -544,6 +575,6 @@ def ingest(
         labels.folders = cfg.folder_labels
     else:
         labels = LabelIndex.from_folders() if cfg.folder_labels else LabelIndex.from_csv(None)
-    result = _Ingestor(src, ws, labels, cfg).run(progress)
+    result = _Ingestor(src, ws, labels, cfg, converter).run(progress)
     log.info("ingest: %s", result.counts)
     return result

@@ -25,8 +25,16 @@ from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-TABLE_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "accuracy",
-                 "balanced_accuracy", "auroc", "kappa_quadratic", "fewshot_accuracy")
+TABLE_METRICS = (
+    "precision_at_1",
+    "r_precision",
+    "mean_average_precision_at_r",
+    "accuracy",
+    "balanced_accuracy",
+    "auroc",
+    "kappa_quadratic",
+    "fewshot_accuracy",
+)
 
 
 @dataclass
@@ -43,8 +51,9 @@ def settings_for(settings: Settings, loss: str, seed: int) -> Settings:
     loss_cfg = settings.loss.model_copy(update={"name": loss})
     if loss != settings.loss.name:
         loss_cfg = loss_cfg.model_copy(update={"margin": None, "scale": None})
-    return settings.model_copy(update={
-        "loss": loss_cfg, "train": settings.train.model_copy(update={"seed": seed})})
+    return settings.model_copy(
+        update={"loss": loss_cfg, "train": settings.train.model_copy(update={"seed": seed})}
+    )
 
 
 def _row(loss: str, seed: int, run_id: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -67,42 +76,55 @@ def summarise(rows: list[dict[str, Any]]) -> pd.DataFrame:
             if len(values) == 0:
                 continue
             line[metric] = float(values.mean())
-            line[f"{metric}_ci95"] = (float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
-                                      if len(values) > 1 else 0.0)
+            line[f"{metric}_ci95"] = (
+                float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+            )
         out.append(line)
     return pd.DataFrame(out)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     metrics = [m for m in TABLE_METRICS if m in table]
-    lines = ["| loss | seeds | " + " | ".join(metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
+    lines = ["| loss | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for _, r in table.iterrows():
-        cells = [f"{r[m]:.3f} ± {r[f'{m}_ci95']:.3f}" if r["seeds"] > 1 else f"{r[m]:.3f}"
-                 for m in metrics]
+        cells = [
+            f"{r[m]:.3f} ± {r[f'{m}_ci95']:.3f}" if r["seeds"] > 1 else f"{r[m]:.3f}"
+            for m in metrics
+        ]
         lines.append(f"| {r['loss']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def sweep(settings: Settings, ws: Workspace, losses: list[str], seeds: int = 1,
-          progress: bool = False) -> SweepResult:
+def sweep(
+    settings: Settings, ws: Workspace, losses: list[str], seeds: int = 1, progress: bool = False
+) -> SweepResult:
     """Train each loss for each of ``seeds`` seeds under one parent run; return the table."""
     configure(ws)
     use_experiment(ws, settings.train.experiment)
     rows: list[dict[str, Any]] = []
     with mlflow.start_run(run_name="sweep " + ",".join(losses)) as parent:
         pid = parent.info.run_id
-        mlflow.log_params({"losses": ",".join(losses), "seeds": seeds,
-                           "model.backbone": settings.model.backbone,
-                           "model.embedding_dim": settings.model.embedding_dim,
-                           "train.epochs": settings.train.epochs})
+        mlflow.log_params(
+            {
+                "losses": ",".join(losses),
+                "seeds": seeds,
+                "model.backbone": settings.model.backbone,
+                "model.embedding_dim": settings.model.embedding_dim,
+                "train.epochs": settings.train.epochs,
+            }
+        )
         for loss in losses:
             for i in range(seeds):
                 seed = settings.train.seed + i
                 log.info("sweep: %s, seed %d", loss, seed)
-                result = train(settings_for(settings, loss, seed), ws, progress,
-                               run_name=f"{loss} seed {seed}", nested=True,
-                               tags={"medml.sweep": pid, "medml.loss": loss})
+                result = train(
+                    settings_for(settings, loss, seed),
+                    ws,
+                    progress,
+                    run_name=f"{loss} seed {seed}",
+                    nested=True,
+                    tags={"medml.sweep": pid, "medml.loss": loss},
+                )
                 rows.append(_row(loss, seed, result.run_id, result.metrics))
         table = summarise(rows)
         csv_path = ws.reports / f"sweep-{pid}.csv"
@@ -116,6 +138,11 @@ def sweep(settings: Settings, ws: Workspace, losses: list[str], seeds: int = 1,
             pd.DataFrame(rows).to_csv(per_run, index=False)
             mlflow.log_artifact(str(per_run), artifact_path="comparison")
         for _, r in table.iterrows():
-            mlflow.log_metrics({f"{r['loss']}.{m}": float(r[m]) for m in TABLE_METRICS
-                                if m in r and pd.notna(r[m])})
+            mlflow.log_metrics(
+                {
+                    f"{r['loss']}.{m}": float(r[m])
+                    for m in TABLE_METRICS
+                    if m in r and pd.notna(r[m])
+                }
+            )
     return SweepResult(pid, csv_path, md_path, rows)
