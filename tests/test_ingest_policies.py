@@ -318,3 +318,21 @@ def test_labels_by_every_key_or_by_folder(tmp_path, key):
     ws = Workspace(tmp_path / "ws")
     ingest(src, ws, labels, cfg, progress=False)
     assert sorted(r["label"] for r in Catalog(ws.catalog_url).list_scans()) == ["covid", "normal"]
+
+
+def test_rounded_oblique_orientation_is_not_gantry_tilt(tmp_path):
+    """ImageOrientationPatient stored to 6 decimals (as scanners and our MRI phantoms write
+    it) makes the raw normal a hair short of unit length; that is no tilt. A real shear is."""
+    from medml.ingest.dicom import Series, Slice, check_series, read_header
+
+    # from a synthetic T2 oblique series: |row x col| = 1 - 7e-7, which arccos read as 0.07 deg
+    iop = (0.999864, 0.0, -0.016464, 0.004560, 0.960875, 0.276944)
+    straight = tmp_path / "oblique"
+    _series(straight, n=40, seed=3, iop=iop, slice_step=6.19, pixel_spacing=(3.6, 3.6))
+    sheared = tmp_path / "sheared"
+    _series(sheared, n=40, seed=3, iop=iop, slice_step=6.19, tilt_mm_per_slice=0.05)
+    problems = {}
+    for folder in (straight, sheared):
+        slices = [Slice(p, read_header(p)) for p in sorted(folder.glob("*.dcm"))]
+        problems[folder.name] = [p.case for p in check_series(Series("1.2.3", slices))]
+    assert problems == {"oblique": [], "sheared": ["gantry_tilt"]}

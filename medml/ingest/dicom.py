@@ -422,7 +422,10 @@ def _split_4d(uid: str, members: list[Slice]) -> list[Series]:
 
 
 def slice_normal(orientation: np.ndarray) -> np.ndarray:
-    return np.cross(orientation[:3], orientation[3:])
+    """Unit normal of the slice plane. ImageOrientationPatient is stored rounded (often to 6
+    decimals), so the raw cross product is a little short of unit length."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    return normal / max(float(np.linalg.norm(normal)), 1e-12)
 
 
 def sort_slices(series: Series) -> np.ndarray:
@@ -474,8 +477,10 @@ def check_series(
         )
     normal = slice_normal(series.slices[0].orientation)
     step = series.slices[-1].position - series.slices[0].position
-    cos = abs(float(step @ normal)) / max(float(np.linalg.norm(step)), 1e-9)
-    tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
+    # atan2 of the across / along components: exact near 0, where arccos of a cosine is not
+    tilt = float(
+        np.degrees(np.arctan2(np.linalg.norm(np.cross(step, normal)), abs(float(step @ normal))))
+    )
     if tilt > max_tilt_deg:
         problems.append(
             Problem("gantry_tilt", f"gantry tilt {tilt:.2f} deg: slices are sheared, not stacked")
