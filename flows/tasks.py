@@ -385,6 +385,8 @@ def predict_batch(
             Path(tmp) / "part.csv",
             settings.predict.batch_size,
             progress=False,
+            # the task runner maps batches in parallel already: no process pool per task
+            workers=settings.predict.workers or 0,
         )
         frame = pd.read_csv(summary.out)
     get_run_logger().info("%d inputs, %d errors", summary.n_inputs, summary.n_errors)

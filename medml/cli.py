@@ -437,6 +437,7 @@ def predict_cmd(
             formats=pc.formats,
             ledger=not rerun,
             explain=explain,
+            workers=pc.workers,
         )
     except Exception as exc:
         _fail(exc)

@@ -106,10 +106,28 @@ class PreprocessConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "densenet121",
-             "efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "seresnet50")
-LOSSES = ("triplet", "arcface", "adacos", "cosface", "subcenter-arcface", "proxy-anchor",
-          "multi-similarity", "supcon", "softmax")
+BACKBONES = (
+    "resnet10",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "densenet121",
+    "efficientnet-b0",
+    "efficientnet-b1",
+    "efficientnet-b2",
+    "seresnet50",
+)
+LOSSES = (
+    "triplet",
+    "arcface",
+    "adacos",
+    "cosface",
+    "subcenter-arcface",
+    "proxy-anchor",
+    "multi-similarity",
+    "supcon",
+    "softmax",
+)
 
 
 class ModelConfig(_Strict):
@@ -221,6 +239,15 @@ class PredictConfig(_Strict):
     """Batch inference."""
 
     batch_size: int = Field(8, ge=1)
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="processes reading and preprocessing inputs ahead of the model "
+        "(0/1: in the predicting process; null: one per CPU from parallel_min inputs on)",
+    )
+    parallel_min: int = Field(
+        64, ge=1, description="inputs from which workers start (a pool takes seconds to start)"
+    )
     formats: list[Literal["csv", "parquet"]] = Field(
         ["csv", "parquet"], description="output files written beside each other"
     )

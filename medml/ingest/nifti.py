@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from isal import isal_zlib
+from isal import igzip, isal_zlib
 
 from medml.io import atomic_path
 
@@ -23,10 +23,21 @@ class NiftiError(ValueError):
     """An unusable NIfTI file; the message is the quarantine reason."""
 
 
+def _read(path: Path) -> nib.Nifti1Image:
+    """The image, decompressed by ISA-L when gzipped: 2-3x faster than nibabel's zlib reader,
+    which matters at prediction time, when reading is most of the work per scan."""
+    if path.name.lower().endswith(".gz"):
+        try:
+            return nib.Nifti1Image.from_bytes(igzip.decompress(path.read_bytes()))
+        except Exception:  # NIfTI-2 or a damaged file: nibabel's own reader and error message
+            pass
+    return nib.load(str(path))
+
+
 def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate: 3D (or 4D with one volume), finite, usable affine, voxel sizes > 0."""
     try:
-        img = nib.load(str(path))
+        img = _read(Path(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise NiftiError(f"invalid NIfTI: unreadable: {type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,8 @@
 """Batch inference: many scans through a registered model, one output row per input.
 
-Streams: each batch is read, embedded, classified and appended to the output files before the
-next one is read, so memory does not grow with the number of scans. Idempotent: a ledger next
+Streams: each batch is embedded, classified and appended to the output files while worker
+processes read and preprocess the next few (``medml.predict.prefetch``), so memory does not
+grow with the number of scans. Idempotent: a ledger next
 to the output (``<out>.ledger.jsonl``) records, per model (MLflow model uuid) and input
 fingerprint (path, size, mtime; hashed, so no path is stored), the row already predicted; a
 re-run with the same model re-emits those rows without reading the scans again. Error rows are
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from medml.ingest.nifti import is_nifti_name
 from medml.io import atomic_path
+from medml.predict.prefetch import Prefetcher, auto_workers
 from medml.predict.pyfunc import MedmlModel, prob_column
 
 
@@ -144,11 +146,14 @@ def predict_frame(
     formats: Sequence[str] | None = None,
     ledger: bool = True,
     explain: Path | None = None,
+    workers: int | None = None,
 ) -> PredictionSummary:
     """Predict each row of ``frame`` (``path``, optional ``scan_id``) into ``out``.
 
     ``formats`` (``csv``/``parquet``) write ``out`` with each suffix; by default only ``out``
     as named. ``explain`` writes a saliency PNG per predicted scan into that folder.
+    ``workers`` processes read and preprocess the next batches while one is embedded (None:
+    the model's ``predict.workers`` setting, where None means one per CPU for large inputs).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -168,10 +173,17 @@ def predict_frame(
     counts: Counter[str] = Counter()
     n_err = n_skip = 0
     bar = tqdm(total=len(frame), desc="predict", unit="scan", disable=not progress)
+    batches = list(_batches(frame, batch_size))
+    todo_paths = [[str(p) for p in b.loc[~b["_key"].isin(done), "path"]] for b in batches]
+    pc = model.settings.predict
+    n_workers = auto_workers(
+        sum(map(len, todo_paths)), pc.workers if workers is None else workers, pc.parallel_min
+    )
     with contextlib.ExitStack() as stack:
         writers = _Writers(stack, paths, arrow_schema(model.prototypes.classes))
         ledger_fh = stack.enter_context(book.open("a")) if ledger else None
-        for batch in _batches(frame, batch_size):
+        prefetch = stack.enter_context(Prefetcher(model.settings.preprocess, n_workers))
+        for batch, prepared in zip(batches, prefetch.map(todo_paths)):
             cached = batch["_key"].isin(done).to_numpy()
             parts = []
             if cached.any():
@@ -180,7 +192,7 @@ def predict_frame(
                 n_skip += int(cached.sum())
             todo = batch[~cached].reset_index(drop=True)
             if len(todo):
-                vols, ids, errors = model.preprocess_paths([str(p) for p in todo["path"]])
+                vols, ids, errors = prepared
                 if "scan_id" in todo.columns:
                     ids = [
                         g if isinstance(g, str) and g else own

@@ -25,11 +25,11 @@ from mlflow.types import ColSpec, Schema
 
 import medml
 from medml.config import Settings
-from medml.data.transforms import KEY, deterministic_chain
+from medml.data.transforms import deterministic_chain
 from medml.fewshot.prototypes import UNKNOWN, Prototypes
 from medml.models.encoder import Encoder, build_encoder
 from medml.models.inference import device
-from medml.predict.loading import load_input
+from medml.predict.prefetch import as_batch, prepare
 
 ENTRY = Path(__file__).with_name("mlflow_entry.py")
 INPUTS = Schema([ColSpec("string", "path"), ColSpec("string", "scan_id", required=False)])
@@ -91,16 +91,7 @@ class MedmlModel(PythonModel):
         self, paths: list[str]
     ) -> tuple[list[torch.Tensor | None], list[str | None], list[str | None]]:
         """Network-ready volumes (None where unreadable), content scan ids, error messages."""
-        vols: list[torch.Tensor | None] = [None] * len(paths)
-        ids: list[str | None] = [None] * len(paths)
-        errors: list[str | None] = [None] * len(paths)
-        for i, p in enumerate(paths):
-            try:
-                tensor, ids[i] = load_input(p)
-                vols[i] = torch.as_tensor(self._chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
-            except Exception as exc:  # one bad input must not sink the batch
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        return vols, ids, errors
+        return as_batch(prepare(self._chain, p) for p in paths)
 
     @torch.no_grad()
     def embed_volumes(self, vols: list[torch.Tensor | None]) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""Read and preprocess prediction inputs ahead of the model, in worker processes.
+
+Reading a scan (gzip, DICOM decoding) and the MONAI chain (resampling above all) cost several
+times the forward pass of a small 3D encoder, so batch inference keeps worker processes busy
+preparing the next batches while the current one is embedded. Results come back in input
+order, and about ``ahead`` inputs per worker are in flight beyond the batch being embedded,
+so memory stays flat however many scans come. Processes, not threads: the work is mostly
+Python and MONAI glue that holds the GIL (measured: two threads were no faster than one).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from medml.config import PreprocessConfig
+from medml.data.transforms import KEY, deterministic_chain
+
+# (volume or None, content scan id or None, error message or None) for one input
+Prepared = tuple[np.ndarray | None, str | None, str | None]
+Batch = tuple[list[torch.Tensor | None], list[str | None], list[str | None]]
+
+_CHAIN: Any = None
+
+
+def prepare(chain: Any, path: str) -> Prepared:
+    """One input through reading and ``chain``; an unreadable input becomes an error message."""
+    from medml.predict.loading import load_input
+
+    try:
+        tensor, scan_id = load_input(path)
+        volume = torch.as_tensor(chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
+        return volume.numpy(), scan_id, None
+    except Exception as exc:  # one bad input must not sink the batch
+        return None, None, f"{type(exc).__name__}: {exc}"
+
+
+def _init(cfg: PreprocessConfig) -> None:
+    global _CHAIN
+    torch.set_num_threads(1)  # one core per worker; the pool is the parallelism
+    _CHAIN = deterministic_chain(cfg, load=False)
+
+
+def _prepare_many(paths: list[str]) -> list[Prepared]:
+    return [prepare(_CHAIN, p) for p in paths]
+
+
+def as_batch(prepared: Iterable[Prepared]) -> Batch:
+    """Per-input results as the (volumes, ids, errors) lists the model takes."""
+    vols, ids, errors = [], [], []
+    for volume, scan_id, error in prepared:
+        vols.append(None if volume is None else torch.from_numpy(volume))
+        ids.append(scan_id)
+        errors.append(error)
+    return vols, ids, errors
+
+
+def auto_workers(n_inputs: int, workers: int | None, min_inputs: int) -> int:
+    """``workers`` if set, else one per CPU when there are at least ``min_inputs`` inputs (a
+    pool costs a few seconds to start), else 0 (prepare in this process)."""
+    if workers is not None:
+        return workers
+    return (os.cpu_count() or 1) if n_inputs >= min_inputs else 0
+
+
+class Prefetcher:
+    """Prepares batches of paths in ``workers`` processes (0 or 1: here, one at a time).
+
+    Use as a context manager; :meth:`map` yields one :data:`Batch` per list of paths, in order.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, workers: int, ahead: int = 2) -> None:
+        self.cfg, self.workers, self.ahead = cfg, workers, ahead
+        self.pool: ProcessPoolExecutor | None = None
+        self.chain = None
+
+    def __enter__(self) -> Prefetcher:
+        if self.workers > 1:  # spawn: fork is unsafe in threaded callers (Prefect, MLflow)
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                multiprocessing.get_context("spawn"),
+                initializer=_init,
+                initargs=(self.cfg,),
+            )
+        else:
+            self.chain = deterministic_chain(self.cfg, load=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[Batch]:
+        """The prepared batches, in order, with ``ahead`` inputs per worker being prepared."""
+        if self.pool is None:
+            for paths in batches:
+                yield as_batch(prepare(self.chain, p) for p in paths)
+            return
+        pending: deque[list[Future[list[Prepared]]]] = deque()
+        queued = self.ahead * self.workers  # inputs kept in flight beyond the next batch
+        in_flight = 0
+        for paths in batches:
+            # one job per input, so a batch is prepared by all workers at once
+            pending.append([self.pool.submit(_prepare_many, [p]) for p in paths])
+            in_flight += len(paths)
+            while len(pending) > 1 and in_flight - len(pending[0]) >= queued:
+                in_flight -= len(pending[0])
+                yield self._collect(pending.popleft())
+        while pending:
+            yield self._collect(pending.popleft())
+
+    @staticmethod
+    def _collect(futures: list[Future[list[Prepared]]]) -> Batch:
+        prepared: list[Prepared] = []
+        for fut in futures:
+            try:
+                prepared.extend(fut.result())
+            except Exception as exc:  # a worker died (out of memory, killed)
+                prepared.append((None, None, f"worker died: {type(exc).__name__}"))
+        return as_batch(prepared)

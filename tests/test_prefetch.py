@@ -1,0 +1,39 @@
+"""Inputs prepared ahead of the model in worker processes: the same batches, in order."""
+
+from __future__ import annotations
+
+import torch
+
+from medml.predict.prefetch import Prefetcher, auto_workers
+
+
+def test_worker_processes_prepare_the_same_batches_in_order(ingested, tiny_settings, tmp_path):
+    volumes = sorted(str(p) for p in ingested.volumes.glob("*.nii.gz"))[:5]
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not a NIfTI file")
+    batches = [
+        [volumes[0], volumes[1], str(garbage)],
+        [volumes[2]],
+        [],
+        [volumes[3], volumes[4], str(tmp_path / "missing.nii.gz")],
+    ]
+    results = {}
+    for workers in (0, 2):
+        with Prefetcher(tiny_settings.preprocess, workers, ahead=1) as prefetch:
+            results[workers] = list(prefetch.map(batches))
+    assert [len(b[0]) for b in results[2]] == [3, 1, 0, 3]
+    for (vols_a, ids_a, err_a), (vols_b, ids_b, err_b) in zip(results[0], results[2]):
+        assert ids_a == ids_b and err_a == err_b
+        for a, b in zip(vols_a, vols_b):
+            assert (a is None and b is None) or torch.equal(a, b)
+    vols, ids, errors = results[2][0]
+    assert vols[0].shape == (1, *tiny_settings.preprocess.spatial_size) and ids[0]
+    assert vols[2] is None and ids[2] is None and "garbage.nii.gz" in errors[2]
+    assert "missing.nii.gz" in results[2][3][2][2]
+
+
+def test_workers_start_only_for_enough_inputs():
+    assert auto_workers(10, None, min_inputs=64) == 0
+    assert auto_workers(100, None, min_inputs=64) >= 1
+    assert auto_workers(100, 3, min_inputs=64) == 3
+    assert auto_workers(10, 0, min_inputs=64) == 0
