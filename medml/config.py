@@ -202,6 +202,9 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="mixed precision when CUDA is present (ignored on CPU)")
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+    memory_cache_mb: float = Field(
+        2048.0, ge=0, description="keep preprocessed volumes in RAM too, up to this (per worker)"
+    )
     experiment: str = "medml"
 
 

@@ -1,6 +1,7 @@
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from medml.catalog import Catalog
@@ -41,3 +42,21 @@ def test_changed_chain_uses_another_cache_folder(tiny_settings):
     other = tiny_settings.preprocess.model_copy(update={"window": (-1000.0, 200.0)})
     ws = Workspace(Path("ws"))
     assert cache_dir(ws, other) != cache_dir(ws, tiny_settings.preprocess)
+
+
+def test_ram_tier_serves_later_epochs_within_its_budget(tmp_path, ingested, tiny_settings):
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ingested.root, ws.root)
+    scans = Catalog(ws.catalog_url).list_scans()[:4]
+    items = items_from_scans(ws, scans, [])
+    one_mb = 2**20
+    volume_bytes = 4 * int(torch.tensor(tiny_settings.preprocess.spatial_size).prod())
+    budget_mb = 2.5 * volume_bytes / one_mb  # room for two volumes, not three
+    ds = cached_dataset(ws, tiny_settings.preprocess, items, memory_mb=budget_mb)
+    first = [ds[i]["image"] for i in range(len(ds))]
+    shutil.rmtree(ws.cache)  # the disk cache is gone; the raw volumes too
+    for s in scans:
+        (ws.root / s["volume"]).unlink()
+    assert all(torch.equal(ds[i]["image"], first[i]) for i in range(2))  # from RAM
+    with pytest.raises(RuntimeError):  # beyond the budget: it needs the (deleted) files again
+        ds[2]

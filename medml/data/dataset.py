@@ -1,7 +1,8 @@
 """Datasets over catalog rows, cached on disk by MONAI's PersistentDataset.
 
 The cache folder is named by the fingerprint of the preprocessing config, so a changed chain
-never reads stale tensors, and epochs after the first read no raw files. Only the image goes
+never reads stale tensors, and epochs after the first read no raw files (and, for training,
+no files at all while the volumes fit ``train.memory_cache_mb``). Only the image goes
 through the cache: labels and ids are attached afresh on every read, so relabelling a scan
 never needs a new cache.
 """
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.data import PersistentDataset
 from torch.utils.data import Dataset
 
@@ -47,9 +49,22 @@ def _volume_key(item: dict[str, Any]) -> bytes:
 
 
 class CachedVolumes(Dataset):
-    """Preprocessed image tensors from the persistent cache, with current labels attached."""
+    """Preprocessed image tensors from the persistent cache, with current labels attached.
 
-    def __init__(self, ws: Workspace, cfg: PreprocessConfig, items: Sequence[dict[str, Any]]):
+    With ``memory_mb`` > 0, tensors read once stay in RAM up to that many MB (per DataLoader
+    worker): from the second epoch on, training then reads no files at all. Consumers must not
+    modify the returned tensors in place (collation copies them; augmentation runs on batches).
+    """
+
+    def __init__(
+        self,
+        ws: Workspace,
+        cfg: PreprocessConfig,
+        items: Sequence[dict[str, Any]],
+        memory_mb: float = 0.0,
+    ):
+        self._memory: dict[int, torch.Tensor] = {}
+        self._room = int(memory_mb * 2**20)
         folder = cache_dir(ws, cfg)
         folder.mkdir(parents=True, exist_ok=True)
         self.items = list(items)
@@ -63,16 +78,28 @@ class CachedVolumes(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def image(self, i: int) -> torch.Tensor:
+        """The preprocessed image of item ``i``: from RAM, else from the disk cache."""
+        img = self._memory.get(i)
+        if img is None:
+            img = self.images[i][KEY]
+            size = img.element_size() * img.nelement()
+            if size <= self._room:
+                self._memory[i] = img
+                self._room -= size
+        return img
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {
-            KEY: self.images[i][KEY],
+            KEY: self.image(i),
             "label": self.items[i]["label"],
             "scan_id": self.items[i]["scan_id"],
         }
 
 
 def cached_dataset(
-    ws: Workspace, cfg: PreprocessConfig, items: Sequence[dict[str, Any]]
+    ws: Workspace, cfg: PreprocessConfig, items: Sequence[dict[str, Any]], memory_mb: float = 0.0
 ) -> CachedVolumes:
-    """Dataset of the deterministic chain, cached under ``ws/cache/<fingerprint>``."""
-    return CachedVolumes(ws, cfg, items)
+    """Dataset of the deterministic chain, cached under ``ws/cache/<fingerprint>`` (and in RAM
+    up to ``memory_mb``)."""
+    return CachedVolumes(ws, cfg, items, memory_mb)

@@ -158,7 +158,7 @@ def train(
         raise ValueError("training needs at least two labelled classes in the train split")
 
     items = items_from_scans(ws, train_scans, classes)
-    train_ds = cached_dataset(ws, settings.preprocess, items)
+    train_ds = cached_dataset(ws, settings.preprocess, items, tc.memory_cache_mb)
     labels = [it["label"] for it in items]
     sampler = balanced_sampler(labels, tc.m_per_class, tc.batch_size, shards=dist.world)
     loader = DataLoader(
@@ -167,6 +167,7 @@ def train(
         sampler=sampler,
         num_workers=tc.num_workers,
         pin_memory=dev.type == "cuda",
+        persistent_workers=tc.num_workers > 0,  # workers keep their RAM cache across epochs
     )
 
     seed_everything(tc.seed)
