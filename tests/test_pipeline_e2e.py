@@ -206,8 +206,9 @@ def test_dask_runner_predicts_the_same_as_threads(run, tmp_path):
     pd.testing.assert_frame_equal(frames["threads"], frames["dask"])
 
 
-def test_dask_runner_ingests_the_same_catalog_as_the_default(harness, tiny_raw, tmp_path,
-                                                           monkeypatch):
+def test_dask_runner_ingests_the_same_catalog_as_the_default(
+    harness, tiny_raw, tmp_path, monkeypatch
+):
     """Each series converted by a ``convert-scan`` task on a 2-worker LocalCluster."""
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
