@@ -168,21 +168,21 @@ def render(
         )
 
     # Spleen enlarges with stage; liver: right lobe shrinks, caudate grows.
-    spleen_scale = 1.0 + 0.1 * s
+    spleen_scale = 1.0 + 0.15 * s
     spleen = E((40.0, 0.3 * b, 0.62 * a), np.array([55.0, 45.0, 28.0]) * spleen_scale) <= 1
     put(spleen, w["spleen"])
     ls = p.liver_scale * (1.12 if p.finding == "steatosis" else 1.0)
     r_right = E(
         (25.0, 0.02 * b, -0.33 * a),
-        np.array([80.0, 0.62 * b, 0.5 * a]) * ls * (1 - 0.05 * s),
+        np.array([80.0, 0.62 * b, 0.5 * a]) * ls * (1 - 0.07 * s),
     )
     r_left = E((45.0, -0.38 * b, 0.15 * a), np.array([45.0, 0.3 * b, 0.42 * a]) * ls)
-    r_caud = E((35.0, 0.2 * b, -0.05 * a), np.array([35.0, 22.0, 22.0]) * ls * (1 + 0.13 * s))
+    r_caud = E((35.0, 0.2 * b, -0.05 * a), np.array([35.0, 22.0, 22.0]) * ls * (1 + 0.16 * s))
     r_liver = np.minimum(np.minimum(r_right, r_left), r_caud)
     # One random field makes the regenerative nodules (its peaks), the fibrous septa around
     # them (its zero crossings) and, where they reach the surface, its nodularity.
-    nod = smooth_field(shape, _sig(grid, 4.5), rng)
-    r_liver = r_liver + (0.006 + 0.022 * s) * np.abs(nod)
+    nod = smooth_field(shape, _sig(grid, 6.0), rng)
+    r_liver = r_liver + (0.006 + 0.03 * s) * np.abs(nod)
     liver = (r_liver <= 1.0) & inner
 
     if s >= 3.4:  # ascites: fluid around the liver and in the flanks
