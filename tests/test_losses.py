@@ -94,6 +94,23 @@ def test_adacos_updates_its_scale_only_when_dynamic_and_training():
     assert float(fixed(emb, y).detach()) == pytest.approx(expected_ce, rel=1e-6)
 
 
+def test_adacos_trains_a_binary_task_where_the_papers_scale_collapses():
+    """Two classes: the paper's dynamic scale shrinks to 0 and the loss stalls at ln 2."""
+    torch.manual_seed(0)
+    x, y = _separable(n_per_class=12, n_classes=2)
+    net = torch.nn.Linear(6, 8)
+    loss_fn = AdaCosLoss(2, 8)
+    opt = torch.optim.Adam([*net.parameters(), *loss_fn.parameters()], lr=1e-2)
+    first = float(loss_fn(F.normalize(net(x), dim=1), y).detach())
+    for _ in range(60):
+        opt.zero_grad()
+        loss = loss_fn(F.normalize(net(x), dim=1), y)
+        loss.backward()
+        opt.step()
+    assert float(loss_fn.s) >= fixed_scale(2) - 1e-6
+    assert float(loss.detach()) < 0.8 * first
+
+
 def test_triplet_miners_and_margin_defaults():
     from pytorch_metric_learning import miners
 
