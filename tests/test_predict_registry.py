@@ -239,3 +239,27 @@ def test_batch_error_rows_parquet_idempotent_rerun_and_explain(setup):
     assert again.n_skipped == 3 and again.n_errors == 2 and again.n_inputs == 5
     pd.testing.assert_frame_equal(pd.read_csv(out), csv_rows)
     assert len(ledger_path(out).read_text().splitlines()) == 3
+
+
+def test_a_dicom_series_folder_predicts_as_its_ingested_volume(setup, tiny_raw):
+    """Production reads a DICOM folder with ingestion's readers: the same voxels, content id
+    and prediction as the canonical volume that ingestion wrote for that series."""
+    root, ws = setup["root"], setup["ws"]
+    series = sorted(tiny_raw.glob("dicom/*/*/series-*"))[0]
+    volumes = sorted(str(p) for p in ws.volumes.glob("*.nii.gz"))
+    out = root / "dicom-preds" / "predictions.csv"
+    summary = predict_frame(
+        f"models:/{NAME}@champion",
+        pd.DataFrame({"path": [str(series), *volumes]}),
+        out,
+        batch_size=4,
+        progress=False,
+        ledger=False,
+    )
+    rows = pd.read_csv(out)
+    assert summary.n_errors == 0 and len(rows) == len(volumes) + 1
+    dicom_row = rows.iloc[0]
+    twins = rows.iloc[1:][rows.iloc[1:].scan_id == dicom_row.scan_id]
+    assert len(twins) == 1
+    assert twins.iloc[0].predicted_class == dicom_row.predicted_class
+    assert twins.iloc[0].similarity == pytest.approx(dicom_row.similarity, abs=1e-6)
