@@ -23,8 +23,9 @@ def test_each_loss_backpropagates_and_falls_on_a_separable_set(name):
     torch.manual_seed(0)
     x, y = _separable()
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    bundle = build_loss(LossConfig(name=name, miner="all" if name == "triplet" else "semihard"),
-                        3, 8)
+    bundle = build_loss(
+        LossConfig(name=name, miner="all" if name == "triplet" else "semihard"), 3, 8
+    )
     params = [{"params": net.parameters(), "lr": 1e-2}]
     if bundle.has_parameters:
         params.append({"params": bundle.loss.parameters(), "lr": 1e-2})
@@ -58,8 +59,12 @@ def test_adacos_dynamic_scale_matches_a_hand_computation():
     labels = torch.tensor([0, 1, 0, 2])
     s_prev = 2.0
     # B_avg: mean over rows of sum over non-target classes of exp(s_prev * cos)
-    b = [np.exp(2 * 0.1) + np.exp(2 * -0.2), np.exp(2 * 0.3) + np.exp(0.0),
-         np.exp(2 * 0.4) + np.exp(2 * 0.2), np.exp(0.0) + np.exp(2 * 0.1)]
+    b = [
+        np.exp(2 * 0.1) + np.exp(2 * -0.2),
+        np.exp(2 * 0.3) + np.exp(0.0),
+        np.exp(2 * 0.4) + np.exp(2 * 0.2),
+        np.exp(0.0) + np.exp(2 * 0.1),
+    ]
     b_avg = np.mean(b)
     # target angles: acos(0.9), acos(0.6), acos(0.5), acos(0.95); torch's median of 4 is the
     # lower middle value: sorted angles [acos .95, acos .9, acos .6, acos .5] -> acos(0.9)
@@ -70,7 +75,8 @@ def test_adacos_dynamic_scale_matches_a_hand_computation():
     wide = torch.tensor([[0.0, 0.5], [0.1, 0.2]])
     b2 = np.mean([np.exp(2 * 0.5), np.exp(2 * 0.1)])
     assert dynamic_scale(wide, torch.tensor([0, 1]), 2.0) == pytest.approx(
-        math.log(b2) / math.cos(math.pi / 4), rel=1e-5)
+        math.log(b2) / math.cos(math.pi / 4), rel=1e-5
+    )
 
 
 def test_adacos_updates_its_scale_only_when_dynamic_and_training():

@@ -66,7 +66,12 @@ def setup(tmp_path_factory, ingested, tiny_settings):
     base_support = [train_pairs[i] for i in picks]
     val = catalog_pairs(ws, "val")
     v1 = register_prototypes(
-        trained.model_uri, base_support, NAME, "champion", validation=val, target_far=0.05,
+        trained.model_uri,
+        base_support,
+        NAME,
+        "champion",
+        validation=val,
+        target_far=0.05,
         workspace=ws,
     )
     (root / "noise").mkdir()

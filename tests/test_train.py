@@ -38,12 +38,14 @@ def _last_state(ws: Workspace) -> dict:
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, ingested):
     epochs = ["--set", "train.epochs=5"]
     whole = _copy(ingested, tmp_path / "whole")
-    subprocess.run([*CLI, "--workspace", str(whole.root), *epochs], check=True,
-                   capture_output=True)
+    subprocess.run([*CLI, "--workspace", str(whole.root), *epochs], check=True, capture_output=True)
 
     killed = _copy(ingested, tmp_path / "killed")
-    proc = subprocess.Popen([*CLI, "--workspace", str(killed.root), *epochs],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, "--workspace", str(killed.root), *epochs],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         lasts = list(killed.checkpoints.glob("*/last.pt"))
@@ -56,8 +58,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, ingested):
     at_kill = _last_state(killed)["progress"]
     assert not at_kill["finished"] and at_kill["epoch"] < 5
 
-    subprocess.run([*CLI, "--workspace", str(killed.root), *epochs, "--resume"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*CLI, "--workspace", str(killed.root), *epochs, "--resume"],
+        check=True,
+        capture_output=True,
+    )
     a, b = _last_state(whole), _last_state(killed)
     assert b["progress"]["finished"] and b["progress"]["epoch"] == 5
     assert a["run_id"] != b["run_id"]
@@ -68,22 +73,42 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, ingested):
 def test_ddp_two_processes_one_epoch(tmp_path, ingested):
     ws = _copy(ingested, tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "medml.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--workspace", str(ws.root), "--set", "train.epochs=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "medml.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--workspace",
+        str(ws.root),
+        "--set",
+        "train.epochs=1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"run_id"' in done.stdout.splitlines()[-1]
     configure(ws)
     runs = MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()])
+        [e.experiment_id for e in MlflowClient().search_experiments()]
+    )
     assert [r.data.params["world_size"] for r in runs] == ["2"]
 
 
 def test_early_stopping_checkpoints_and_figures(tmp_path, ingested, tiny_settings):
     ws = _copy(ingested, tmp_path / "es")
-    settings = tiny_settings.model_copy(update={"train": tiny_settings.train.model_copy(
-        update={"epochs": 30, "early_stopping_patience": 1})})
+    settings = tiny_settings.model_copy(
+        update={
+            "train": tiny_settings.train.model_copy(
+                update={"epochs": 30, "early_stopping_patience": 1}
+            )
+        }
+    )
     result = train(settings, ws, progress=False)
     state = _last_state(ws)["progress"]
     assert state["finished"] and state["epoch"] < 30
@@ -104,8 +129,10 @@ def test_other_backbones_train_one_step(backbone):
     from medml.models import build_encoder
     from medml.train.loop import MetricModel
 
-    model = MetricModel(build_encoder(ModelConfig(backbone=backbone, embedding_dim=8)),
-                        build_loss(LossConfig(name="softmax"), 2, 8))
+    model = MetricModel(
+        build_encoder(ModelConfig(backbone=backbone, embedding_dim=8)),
+        build_loss(LossConfig(name="softmax"), 2, 8),
+    )
     loss = model(torch.randn(4, 1, 32, 32, 32), torch.tensor([0, 1, 0, 1]))
     loss.backward()
     assert torch.isfinite(loss)
@@ -117,8 +144,9 @@ def test_initial_weights_load_safely(tmp_path):
 
     source = build_encoder(ModelConfig())
     path = tmp_path / "medicalnet.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}},
-               path)
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}}, path
+    )
     loaded = build_encoder(ModelConfig(init_weights=path))
     for key, value in source.backbone.state_dict().items():
         assert torch.equal(value, loaded.backbone.state_dict()[key])
@@ -142,5 +170,6 @@ def test_batch_augmentation_is_seeded_flips_left_right_and_can_be_off():
     flip_only = BatchAugment(AugmentConfig(prob=0.0, flip_lr=True))
     out = flip_only(x, torch.Generator().manual_seed(0))
     for i in range(len(x)):
-        assert torch.allclose(out[i], x[i], atol=1e-5) or torch.allclose(out[i], x[i].flip(1),
-                                                                           atol=1e-5)
+        assert torch.allclose(out[i], x[i], atol=1e-5) or torch.allclose(
+            out[i], x[i].flip(1), atol=1e-5
+        )
