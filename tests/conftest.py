@@ -42,9 +42,6 @@ def tiny_raw(tmp_path_factory, tiny_settings) -> Path:
 def ingested(tmp_path_factory, tiny_raw, tiny_settings) -> Workspace:
     """The tiny export ingested into a session workspace; treat as read-only."""
     ws = Workspace(tmp_path_factory.mktemp("ws")).ensure()
-    # A fixed de-identification secret: patient keys order the split, so a random secret would
-    # give every session a different train/val/test cut (and flaky tiny-split metrics).
-    ws.secret_file.write_text("tiny-fixture-secret")
     ingest(tiny_raw, ws, tiny_raw / "labels.csv", tiny_settings.ingest, progress=False)
     return ws
 

@@ -17,12 +17,16 @@ def assign_splits(scans: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str
     A patient's label for stratification is the label of their first scan; within each class,
     patients are shuffled with ``cfg.seed`` and cut by the configured fractions (at least one
     patient goes to val and test whenever a class has three or more patients).
+
+    Patients and scans are ordered by content (the voxel hash), not by their keyed ids: the
+    keys depend on each workspace's secret, and the same data must get the same split in
+    every workspace, or no two runs of the demo would be comparable.
     """
     patients: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for s in scans:
+    for s in sorted(scans, key=_content_order):
         patients[s["patient_key"]].append(s)
     by_class: dict[str, list[str]] = defaultdict(list)
-    for key in sorted(patients):
+    for key in sorted(patients, key=lambda k: _content_order(patients[k][0])):
         by_class[str(patients[key][0]["label"])].append(key)
 
     rng = np.random.default_rng(cfg.seed)
@@ -38,3 +42,8 @@ def assign_splits(scans: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str
             for s in patients[key]:
                 out[s["scan_id"]] = split
     return out
+
+
+def _content_order(scan: dict[str, Any]) -> tuple[str, str]:
+    """Sort key independent of the de-identification secret (scan id only breaks ties)."""
+    return (scan.get("content_hash") or "", scan["scan_id"])
