@@ -125,8 +125,13 @@ class Catalog:
             conn.execute(sa.insert(scans), rows)
 
     def list_scans(self, split: str | None = None, labelled: bool = True) -> list[dict[str, Any]]:
-        """Scans ordered by id; optionally one split, optionally only labelled ones."""
-        query = sa.select(scans).order_by(scans.c.scan_id)
+        """Scans ordered by content; optionally one split, optionally only labelled ones.
+
+        Ordered by the voxel content hash (scan id breaks ties), not by id alone: ids are keyed
+        hashes that differ with each workspace's secret, and everything downstream (batches,
+        support sets, episodes) follows this order, so the same data must come in the same order.
+        """
+        query = sa.select(scans).order_by(scans.c.content_hash, scans.c.scan_id)
         if split is not None:
             query = query.where(scans.c.split == split)
         if labelled:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from medml.catalog import Catalog
 from medml.tracking import configure
 from medml.train import checkpoint, train
 from medml.workspace import Workspace
@@ -173,3 +174,33 @@ def test_batch_augmentation_is_seeded_flips_left_right_and_can_be_off():
         assert torch.allclose(out[i], x[i], atol=1e-5) or torch.allclose(
             out[i], x[i].flip(1), atol=1e-5
         )
+
+
+def test_the_same_data_trains_the_same_in_any_workspace(
+    tmp_path, tiny_raw, tiny_settings, monkeypatch
+):
+    """Two workspaces, two de-identification secrets (so different scan ids and patient keys):
+    the same split, batches, weights and test metrics."""
+    from medml.ingest import ingest
+
+    settings = tiny_settings.model_copy(
+        update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
+    )
+    results = []
+    for secret in ("first-secret", "second-secret"):
+        monkeypatch.setenv("MEDML_DEID_SECRET", secret)
+        ws = Workspace(tmp_path / secret).ensure()
+        ingest(tiny_raw, ws, tiny_raw / "labels.csv", tiny_settings.ingest, progress=False)
+        results.append((train(settings, ws, progress=False), ws))
+    (first, ws1), (second, ws2) = results
+    ids1 = {s["scan_id"] for s in Catalog(ws1.catalog_url).list_scans()}
+    assert not ids1 & {s["scan_id"] for s in Catalog(ws2.catalog_url).list_scans()}
+    splits = [
+        sorted((s["content_hash"], s["split"]) for s in Catalog(w.catalog_url).list_scans())
+        for w in (ws1, ws2)
+    ]
+    assert splits[0] == splits[1]
+    weights = [torch.load(r.checkpoint, weights_only=True) for r in (first, second)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert first.metrics["accuracy"] == second.metrics["accuracy"]
