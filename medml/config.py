@@ -34,7 +34,7 @@ class SynthConfig(_Strict):
     difficulty: float = Field(
         1.0, ge=0, description="scales nuisances and class overlap; 0 makes classes clean"
     )
-    # 0.4 / 0.7: the demo's model (configs/demo.yaml) then scores ~73 % 5-way 5-shot, in the
+    # 0.4 / 0.7: the demo's model (configs/demo.yaml) then scores ~75 % 5-way 5-shot, in the
     # 70-90 % band that keeps adjacent stages confusable (docs/datasets.md has the runs).
     overlap: float = Field(
         0.4, ge=0, description="how far severity strays into adjacent stages (x difficulty)"
