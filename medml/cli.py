@@ -507,13 +507,13 @@ def serve_cmd(
     """Serve the Prefect deployments until Ctrl-C: nightly batch inference over a watch folder,
     scheduled ingest, and train/sweep/prototypes/pipeline on demand (see docs/operations.md)."""
     settings = _settings(config, set_)
-    ws = _workspace(workspace, settings).ensure()
     from flows.serve import NO_SERVER_HELP, api_url, local_server, serve_deployments
 
     url, o = api_url(), settings.orchestration
-    if url is None and not start_server:
+    if url is None and not start_server:  # before touching the workspace: nothing to clean up
         typer.echo(NO_SERVER_HELP, err=True)
         raise typer.Exit(1)
+    ws = _workspace(workspace, settings).ensure()
     try:
         if url is None:
             with local_server(o.server_port, ws, o.server_start_timeout_s) as local:

@@ -32,14 +32,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_without_a_server_explains_how_to_start_one(monkeypatch):
+def test_serve_without_a_server_explains_how_to_start_one(monkeypatch, tmp_path):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1
     assert "prefect server start" in result.output and "--start-server" in result.output
+    assert not (tmp_path / "workspace").exists()  # a refused start leaves nothing behind
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path):
