@@ -6,8 +6,6 @@ workspace, and so where results are stored, is only known then).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,26 +117,6 @@ def reachable_api(o: OrchestrationConfig) -> Iterator[None]:
         url = str(client.api_url).rstrip("/")
     with temporary_settings({PREFECT_API_URL: url}):
         yield
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types (numpy scalars and paths become floats/ints/strings; NaN becomes None)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [clean(x) for x in v]
-        return v
-
-    def default(v: Any) -> Any:
-        if hasattr(v, "item"):  # numpy scalar
-            return v.item()
-        return str(v)
-
-    return clean(json.loads(json.dumps(value, default=default)))
 
 
 def start(settings: Settings | None, workspace: str | None) -> tuple[Settings, Workspace]:

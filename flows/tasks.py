@@ -27,11 +27,12 @@ from flows.caching import (
     step_cache,
     tree_fingerprint,
 )
-from flows.runtime import jsonable, reachable_api, task_runner
+from flows.runtime import reachable_api, task_runner
 from medml.catalog import Catalog
 from medml.config import OrchestrationConfig, Settings
 from medml.ingest import Converter, WorkerContext, failed
 from medml.ingest import Task as IngestTask
+from medml.io import jsonable
 from medml.workspace import Workspace
 
 # Settings sections that do not change what training produces: a new value re-runs only the

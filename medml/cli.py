@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -69,15 +68,9 @@ def _workspace(explicit: Path | None, settings=None) -> Workspace:
 
 def _json_line(payload: dict[str, Any]) -> None:
     """Print the contract JSON line (NaN becomes null)."""
+    from medml.io import jsonable
 
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return v
-
-    typer.echo(json.dumps(clean(payload)))
+    typer.echo(json.dumps(jsonable(payload)))
 
 
 def _fail(exc: Exception) -> None:

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the same folder, then ``os.replace``.
+"""Atomic file writes (a temp file in the same folder, then ``os.replace``) and JSON-safe values.
 
 A crash never leaves a half-written file under its final name.
 """
@@ -6,10 +6,13 @@ A crash never leaves a half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -31,3 +34,23 @@ def atomic_write_text(final: str | Path, text: str) -> None:
     """Write ``text`` to ``final`` atomically."""
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types (numpy scalars and paths become floats/ints/strings; NaN becomes None)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    def default(v: Any) -> Any:
+        if hasattr(v, "item"):  # numpy scalar
+            return v.item()
+        return str(v)
+
+    return clean(json.loads(json.dumps(value, default=default)))

@@ -17,9 +17,10 @@ from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import caching, tasks
-from flows.runtime import configured, jsonable, task_runner
+from flows.runtime import configured, task_runner
 from medml.catalog import Catalog
 from medml.config import OrchestrationConfig, load_settings
+from medml.io import jsonable
 from medml.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import mlflow
 import numpy as np
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from medml.ingest.nifti import is_nifti_name
-from medml.io import atomic_path
+from medml.io import atomic_path, jsonable
 from medml.predict.prefetch import Prefetcher, auto_workers
 from medml.predict.pyfunc import MedmlModel, prob_column
 
@@ -174,7 +175,8 @@ def predict_frame(
     n_err = n_skip = 0
     bar = tqdm(total=len(frame), desc="predict", unit="scan", disable=not progress)
     batches = list(_batches(frame, batch_size))
-    todo_paths = [[str(p) for p in b.loc[~b["_key"].isin(done), "path"]] for b in batches]
+    done_masks = [b["_key"].isin(done).to_numpy() for b in batches]
+    todo_paths = [[str(p) for p in b.loc[~m, "path"]] for b, m in zip(batches, done_masks)]
     pc = model.settings.predict
     n_workers = auto_workers(
         sum(map(len, todo_paths)), pc.workers if workers is None else workers, pc.parallel_min
@@ -183,8 +185,7 @@ def predict_frame(
         writers = _Writers(stack, paths, arrow_schema(model.prototypes.classes))
         ledger_fh = stack.enter_context(book.open("a")) if ledger else None
         prefetch = stack.enter_context(Prefetcher(model.settings.preprocess, n_workers))
-        for batch, prepared in zip(batches, prefetch.map(todo_paths)):
-            cached = batch["_key"].isin(done).to_numpy()
+        for batch, cached, prepared in zip(batches, done_masks, prefetch.map(todo_paths)):
             parts = []
             if cached.any():
                 rows_done = pd.DataFrame([done[k] for k in batch.loc[cached, "_key"]])
@@ -200,36 +201,11 @@ def predict_frame(
                     ]
                 rows, neighbours = model.rows(model.embed_volumes(vols), ids, errors)
                 parts.append(rows.set_axis(np.flatnonzero(~cached)))
-                for i, row in rows.iterrows():
-                    if errors[i] is None and explain is not None:
-                        from medml.predict.explain import write_explanation
-
-                        write_explanation(
-                            model,
-                            vols[i],
-                            row["scan_id"],
-                            row["predicted_class"],
-                            neighbours[i],
-                            Path(explain),
-                        )
-                    if errors[i] is None and ledger_fh is not None:
-                        record = {
-                            k: (None if isinstance(v, float) and np.isnan(v) else v)
-                            for k, v in row.items()
-                        }
-                        ledger_fh.write(
-                            json.dumps(
-                                {
-                                    "model": model_id,
-                                    "key": todo["_key"][i],
-                                    "row": _jsonable(record),
-                                }
-                            )
-                            + "\n"
-                        )
-                if ledger_fh is not None:
-                    ledger_fh.flush()
-                    os.fsync(ledger_fh.fileno())
+                ok = [i for i, e in enumerate(errors) if e is None]
+                if explain is not None:
+                    _explain(model, rows, vols, neighbours, ok, Path(explain))
+                if ledger_fh is not None:  # error rows are never recorded: they are retried
+                    _record(ledger_fh, model_id, todo["_key"], rows, ok)
             result = pd.concat(parts).sort_index()  # input order
             result = result.reindex(columns=list(writers.schema.names))
             writers.write(result)
@@ -251,5 +227,28 @@ def predict_frame(
     )
 
 
-def _jsonable(record: dict) -> dict:
-    return {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}
+def _explain(
+    model: MedmlModel,
+    rows: pd.DataFrame,
+    vols: list,
+    neighbours: list[list[int]],
+    ok: list[int],
+    folder: Path,
+) -> None:
+    """A saliency PNG per predicted row (``ok``: the rows without an error)."""
+    from medml.predict.explain import write_explanation
+
+    for i in ok:
+        row = rows.iloc[i]
+        write_explanation(
+            model, vols[i], row["scan_id"], row["predicted_class"], neighbours[i], folder
+        )
+
+
+def _record(fh: TextIO, model_id: str, keys: pd.Series, rows: pd.DataFrame, ok: list[int]) -> None:
+    """Append the predicted rows to the ledger, durably (flushed and fsynced)."""
+    for i in ok:
+        record = {"model": model_id, "key": keys[i], "row": rows.iloc[i].to_dict()}
+        fh.write(json.dumps(jsonable(record)) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
