@@ -22,6 +22,7 @@ import torch
 
 from medml.config import PreprocessConfig
 from medml.data.transforms import KEY, deterministic_chain
+from medml.predict.loading import load_input
 
 # (volume or None, content scan id or None, error message or None) for one input
 Prepared = tuple[np.ndarray | None, str | None, str | None]
@@ -32,8 +33,6 @@ _CHAIN: Any = None
 
 def prepare(chain: Any, path: str) -> Prepared:
     """One input through reading and ``chain``; an unreadable input becomes an error message."""
-    from medml.predict.loading import load_input
-
     try:
         tensor, scan_id = load_input(path)
         volume = torch.as_tensor(chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
@@ -48,8 +47,8 @@ def _init(cfg: PreprocessConfig) -> None:
     _CHAIN = deterministic_chain(cfg, load=False)
 
 
-def _prepare_many(paths: list[str]) -> list[Prepared]:
-    return [prepare(_CHAIN, p) for p in paths]
+def _prepare_in_worker(path: str) -> Prepared:
+    return prepare(_CHAIN, path)
 
 
 def as_batch(prepared: Iterable[Prepared]) -> Batch:
@@ -103,12 +102,12 @@ class Prefetcher:
             for paths in batches:
                 yield as_batch(prepare(self.chain, p) for p in paths)
             return
-        pending: deque[list[Future[list[Prepared]]]] = deque()
+        pending: deque[list[Future[Prepared]]] = deque()
         queued = self.ahead * self.workers  # inputs kept in flight beyond the next batch
         in_flight = 0
         for paths in batches:
             # one job per input, so a batch is prepared by all workers at once
-            pending.append([self.pool.submit(_prepare_many, [p]) for p in paths])
+            pending.append([self.pool.submit(_prepare_in_worker, p) for p in paths])
             in_flight += len(paths)
             while len(pending) > 1 and in_flight - len(pending[0]) >= queued:
                 in_flight -= len(pending[0])
@@ -117,11 +116,11 @@ class Prefetcher:
             yield self._collect(pending.popleft())
 
     @staticmethod
-    def _collect(futures: list[Future[list[Prepared]]]) -> Batch:
+    def _collect(futures: list[Future[Prepared]]) -> Batch:
         prepared: list[Prepared] = []
         for fut in futures:
             try:
-                prepared.extend(fut.result())
+                prepared.append(fut.result())
             except Exception as exc:  # a worker died (out of memory, killed)
                 prepared.append((None, None, f"worker died: {type(exc).__name__}"))
         return as_batch(prepared)
