@@ -16,6 +16,7 @@ from flows import artifacts
 from flows.runtime import run_step, start
 from flows.tasks import ingest_source, ingest_stale
 from medml.config import Settings
+from medml.workspace import Workspace
 
 
 @flow(name="ingest", log_prints=True)
@@ -27,6 +28,15 @@ def ingest_flow(
 ) -> dict[str, Any]:
     """Ingest ``source`` (DICOM/NIfTI tree) into the workspace; skipped when nothing changed."""
     settings, ws = start(settings, workspace)
+    result = ingest_step(settings, ws, source, labels)
+    get_run_logger().info("ingest of %s: %d scans", source, result["scans"])
+    return result
+
+
+def ingest_step(
+    settings: Settings, ws: Workspace, source: str, labels: str | None
+) -> dict[str, Any]:
+    """The cached ``ingest`` step with its report as artifact (this flow's and the pipeline's)."""
     result = run_step(
         ingest_source,
         settings,
@@ -39,5 +49,4 @@ def ingest_flow(
         workspace=str(ws.root),
     )
     artifacts.ingest_report(result)
-    get_run_logger().info("ingest of %s: %d scans", source, result["scans"])
     return result

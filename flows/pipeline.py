@@ -17,17 +17,10 @@ from prefect import flow, get_run_logger
 
 from flows import artifacts
 from flows.batch_inference import predict_rows
+from flows.ingest import ingest_step
+from flows.prototypes import prototypes_step
 from flows.runtime import run_step, start
-from flows.tasks import (
-    build_prototypes,
-    ingest_source,
-    ingest_stale,
-    preprocess,
-    run_stale,
-    synthesize,
-    train_encoder,
-    version_stale,
-)
+from flows.tasks import preprocess, run_stale, synthesize, train_encoder
 from medml.catalog import Catalog
 from medml.config import Settings
 
@@ -42,31 +35,12 @@ def pipeline(settings: Settings, workspace: str) -> dict[str, Any]:
     settings, ws = start(settings, workspace)
     common = {"settings": settings, "workspace": str(ws.root)}
     raw = run_step(synthesize, settings, ws, "io", stale=_raw_stale, **common)
-    ingested = run_step(
-        ingest_source,
-        settings,
-        ws,
-        "io",
-        stale=ingest_stale(str(ws.root)),
-        source=raw["raw"],
-        labels=raw["labels"],
-        **common,
-    )
-    artifacts.ingest_report(ingested)
+    ingested = ingest_step(settings, ws, raw["raw"], raw["labels"])
     cached = run_step(preprocess, settings, ws, "compute", **common)
     stale = run_stale(str(ws.root))
     trained = run_step(train_encoder, settings, ws, "train", stale=stale, **common)
     artifacts.evaluation(trained)
-    champion = run_step(
-        build_prototypes,
-        settings,
-        ws,
-        "io",
-        stale=version_stale(str(ws.root)),
-        model_uri=trained["model_uri"],
-        support=None,
-        **common,
-    )
+    champion = prototypes_step(settings, ws, trained["model_uri"], None)
     alias_uri = f"models:/{champion['name']}@{champion['alias']}"
 
     # Held-out (test split) scans, scored against their catalog labels.

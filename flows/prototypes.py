@@ -9,6 +9,7 @@ from prefect import flow
 from flows.runtime import run_step, start
 from flows.tasks import build_prototypes, version_stale
 from medml.config import Settings
+from medml.workspace import Workspace
 
 
 @flow(name="prototypes", log_prints=True)
@@ -22,6 +23,13 @@ def prototypes_flow(
     default: ``prototypes.shots`` scans per class of the train split) under
     ``prototypes.model_name`` and move ``prototypes.alias`` to it."""
     settings, ws = start(settings, workspace)
+    return prototypes_step(settings, ws, model_uri, support)
+
+
+def prototypes_step(
+    settings: Settings, ws: Workspace, model_uri: str, support: str | None
+) -> dict[str, Any]:
+    """The cached ``prototypes`` step (this flow's and the pipeline's)."""
     return run_step(
         build_prototypes,
         settings,
