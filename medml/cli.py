@@ -66,6 +66,15 @@ def _workspace(explicit: Path | None, settings=None) -> Workspace:
     return Workspace.resolve(explicit)
 
 
+def _tracked_workspace(explicit: Path | None) -> Workspace:
+    """The workspace, with MLflow pointed at its tracking store and registry."""
+    from medml.tracking import configure
+
+    ws = _workspace(explicit)
+    configure(ws)
+    return ws
+
+
 def _json_line(payload: dict[str, Any]) -> None:
     """Print the contract JSON line (NaN becomes null)."""
     from medml.io import jsonable
@@ -302,10 +311,9 @@ def evaluate_cmd(
 
     from medml.evaluate.run import evaluate_encoder, flat_metrics
     from medml.predict.pyfunc import load_medml_model
-    from medml.tracking import configure, use_experiment
+    from medml.tracking import use_experiment
 
-    ws = _workspace(workspace)
-    configure(ws)
+    ws = _tracked_workspace(workspace)
     try:
         m = load_medml_model(model)
         updates = {k: v for k, v in (("ways", ways), ("shots", shots), ("episodes", episodes)) if v}
@@ -362,10 +370,8 @@ def prototypes_cmd(
 ) -> None:
     """Build class prototypes from a support set and register a new model version."""
     from medml.fewshot.register import read_support, register_prototypes
-    from medml.tracking import configure
 
-    ws = _workspace(workspace)
-    configure(ws)
+    ws = _tracked_workspace(workspace)
     try:
         val = _validation_pairs(ws, validation)
         reg = register_prototypes(
@@ -416,10 +422,9 @@ def predict_cmd(
     import pandas as pd
 
     from medml.predict.batch import discover_inputs, predict_frame
-    from medml.tracking import configure
 
     pc = _settings(config, overrides).predict
-    configure(_workspace(workspace))
+    _tracked_workspace(workspace)
     try:
         frame = pd.DataFrame({"path": discover_inputs(inputs)}, dtype=object)
         summary = predict_frame(
@@ -455,10 +460,8 @@ def promote_cmd(
 ) -> None:
     """Compare @challenger with @champion on validation scans; move @champion if better."""
     from medml.fewshot.promote import promote
-    from medml.tracking import configure
 
-    ws = _workspace(workspace)
-    configure(ws)
+    ws = _tracked_workspace(workspace)
     try:
         val = _validation_pairs(ws, validation)
         if not val:
