@@ -97,7 +97,6 @@ def write_messy(out: Path, src: DicomStudy) -> dict[str, str]:
     mark(copies, "duplicate-series")
 
     # A reconstruction of the same study that lost a middle slice in transfer.
-    seed = src.uid_seed + "-missing"
     meta = SeriesMeta(
         src.meta.modality,
         series_number=2,
@@ -106,18 +105,8 @@ def write_messy(out: Path, src: DicomStudy) -> dict[str, str]:
         image_type=src.meta.image_type,
         weighting=src.meta.weighting,
     )
-    written = write_dicom_series(
-        src.volume,
-        src.grid,
-        study_dir / "series-2-missing-slice",
-        src.identity,
-        src.study_uid,
-        _uid(seed, "series"),
-        src.study_index,
-        seed,
-        src.slice_thickness,
-        meta,
-        skip=(src.grid.nz // 2,),
+    written = _write_variant(
+        src, study_dir / "series-2-missing-slice", "missing", meta, skip=(src.grid.nz // 2,)
     )
     mark(written, "missing-slice")
 
@@ -127,18 +116,13 @@ def write_messy(out: Path, src: DicomStudy) -> dict[str, str]:
 
     # An interrupted copy: a complete header, then the pixel data stops half way.
     trunc_dir = study_dir / "series-3-truncated"
-    seed = src.uid_seed + "-truncated"
-    (full,) = write_dicom_series(
-        src.volume[:1],
-        Grid(1, src.grid.ny, src.grid.nx, src.grid.spacing, src.grid.origin, src.grid.iop),
+    (full,) = _write_variant(
+        src,
         trunc_dir,
-        src.identity,
-        src.study_uid,
-        _uid(seed, "series"),
-        src.study_index,
-        seed,
-        src.slice_thickness,
+        "truncated",
         SeriesMeta(src.meta.modality, 3, "interrupted", src.meta.body_part),
+        volume=src.volume[:1],
+        grid=Grid(1, src.grid.ny, src.grid.nx, src.grid.spacing, src.grid.origin, src.grid.iop),
     )
     data = full.read_bytes()
     with atomic_path(full, suffix=".dcm") as tmp:
@@ -149,6 +133,32 @@ def write_messy(out: Path, src: DicomStudy) -> dict[str, str]:
         tmp.write_bytes(b"")
     mark([empty], "empty-dcm")
     return cases
+
+
+def _write_variant(
+    src: DicomStudy,
+    folder: Path,
+    tag: str,
+    meta: SeriesMeta,
+    volume: np.ndarray | None = None,
+    grid: Grid | None = None,
+    skip: tuple[int, ...] = (),
+) -> list[Path]:
+    """Another series of ``src``'s study and patient (UIDs seeded by ``tag``)."""
+    seed = f"{src.uid_seed}-{tag}"
+    return write_dicom_series(
+        src.volume if volume is None else volume,
+        grid or src.grid,
+        folder,
+        src.identity,
+        src.study_uid,
+        _uid(seed, "series"),
+        src.study_index,
+        seed,
+        src.slice_thickness,
+        meta,
+        skip=skip,
+    )
 
 
 def _localizer(folder: Path, src: DicomStudy) -> list[Path]:
