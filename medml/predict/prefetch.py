@@ -4,8 +4,10 @@ Reading a scan (gzip, DICOM decoding) and the MONAI chain (resampling above all)
 times the forward pass of a small 3D encoder, so batch inference keeps worker processes busy
 preparing the next batches while the current one is embedded. Results come back in input
 order, and about ``ahead`` inputs per worker are in flight beyond the batch being embedded,
-so memory stays flat however many scans come. Processes, not threads: the work is mostly
-Python and MONAI glue that holds the GIL (measured: two threads were no faster than one).
+so memory stays flat however many scans come. Processes, not threads: much of the work is
+Python and MONAI glue that holds the GIL (measured on 2 cores with the demo's model: 50
+scans/s in one process, 68 with two threads, 81 with two worker processes). Workers are
+spawned, so a script that predicts with workers needs the usual ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
