@@ -28,9 +28,10 @@ demo: install  ## set-up + the whole pipeline on synthetic chest CT
 test: install  ## set-up + the test suite
 	$(PY) -m pytest -q
 
-lint: install
+lint: install  ## ruff, and the import contracts of the layers (pyproject [tool.importlinter])
 	$(VENV)/bin/ruff check medml flows tests bench
 	$(VENV)/bin/ruff format --check medml flows tests bench
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix medml flows tests bench

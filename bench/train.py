@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from medml.train.loop import MetricModel, _train_epoch, ensure_splits
 from monai.data import Dataset
 from torch.utils.data import DataLoader
 
@@ -27,10 +28,9 @@ from medml.data.sampler import balanced_sampler
 from medml.data.transforms import deterministic_chain
 from medml.ingest import ingest
 from medml.losses import build_loss
-from medml.models import build_encoder
+from medml.models.encoder import build_encoder
 from medml.models.inference import device
 from medml.synth import generate
-from medml.train.loop import MetricModel, _train_epoch, ensure_splits
 from medml.train.schedule import warmup_cosine
 from medml.workspace import Workspace
 

@@ -1,5 +1,5 @@
-"""The whole chain as one Prefect flow: synth -> ingest -> preprocess -> train (+ evaluation) ->
-prototypes -> batch inference on the held-out scans.
+"""The whole chain as one Prefect flow: synthesize -> ingest -> preprocess -> train ->
+evaluate -> package -> register (prototypes) -> batch inference on the held-out scans.
 
 Every step is cached on its inputs, config, code and data (``flows.caching``): a second run with
 nothing changed skips them all; a changed config section re-runs only the steps that read it and
@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows import artifacts
@@ -20,9 +18,16 @@ from flows.batch_inference import predict_rows
 from flows.ingest import ingest_step
 from flows.prototypes import prototypes_step
 from flows.runtime import run_step, start
-from flows.tasks import preprocess, run_stale, synthesize, train_encoder
-from medml.catalog import Catalog
+from flows.tasks import (
+    evaluate_encoder,
+    package_model,
+    preprocess,
+    run_stale,
+    synthesize,
+    train_encoder,
+)
 from medml.config import Settings
+from medml.evaluate.run import heldout_inputs, prediction_accuracy
 
 
 def _raw_stale(result: dict[str, Any]) -> str | None:
@@ -39,18 +44,16 @@ def pipeline(settings: Settings, workspace: str) -> dict[str, Any]:
     cached = run_step(preprocess, settings, ws, "compute", **common)
     stale = run_stale(str(ws.root))
     trained = run_step(train_encoder, settings, ws, "train", stale=stale, **common)
-    artifacts.evaluation(trained)
-    champion = prototypes_step(settings, ws, trained["model_uri"], None)
+    evaluated = run_step(evaluate_encoder, settings, ws, "compute", run=trained, **common)
+    artifacts.evaluation(evaluated)
+    packaged = run_step(package_model, settings, ws, "io", run=trained, **common)
+    champion = prototypes_step(settings, ws, packaged["model_uri"], None)
     alias_uri = f"models:/{champion['name']}@{champion['alias']}"
 
     # Held-out (test split) scans, scored against their catalog labels.
-    scans = Catalog(ws.catalog_url).list_scans(split="test")
-    rows = [{"path": str(ws.root / s["volume"]), "scan_id": s["scan_id"]} for s in scans]
+    rows, truth = heldout_inputs(ws, "test")
     predicted = predict_rows(rows, alias_uri, settings, ws, ws.reports / "predictions.csv")
-    preds = pd.read_csv(predicted["predictions"])
-    truth = {s["scan_id"]: s["label"] for s in scans}
-    hits = [truth[i] == p for i, p in zip(preds.scan_id, preds.predicted_class)]
-    predicted["accuracy_vs_labels"] = float(np.mean(hits)) if hits else float("nan")
+    predicted["accuracy_vs_labels"] = prediction_accuracy(predicted["predictions"], truth)
     artifacts.predictions(predicted, predicted["model_uri"])
     get_run_logger().info(
         "predicted %d scans (%d errors), accuracy vs labels %.3f",
@@ -62,7 +65,7 @@ def pipeline(settings: Settings, workspace: str) -> dict[str, Any]:
         "workspace": str(ws.root),
         "ingest": ingested,
         "preprocess": cached,
-        "train": trained,
+        "train": {**trained, "metrics": evaluated["metrics"], "model_uri": packaged["model_uri"]},
         "champion": champion,
         "champion_uri": alias_uri,
         "predict": predicted,

@@ -7,14 +7,12 @@ timeouts and result storage are applied per run by ``flows.runtime.configured``.
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -38,15 +36,6 @@ from medml.workspace import Workspace
 # Settings sections that do not change what training produces: a new value re-runs only the
 # steps that read them.
 NOT_TRAINING = {"workspace", "synth", "ingest", "prototypes", "predict", "orchestration"}
-TRAIN_CODE = (
-    "medml.train",
-    "medml.models",
-    "medml.losses",
-    "medml.data",
-    "medml.evaluate",
-    "medml.predict",
-    "medml.tracking",
-)
 
 
 def _ws(workspace: str) -> Workspace:
@@ -176,48 +165,82 @@ def ingest_stale(workspace: str) -> Any:
             catalog_fingerprint(Workspace(Path(p["workspace"])).catalog_url, with_splits=False),
             str(Path(p["workspace"]).resolve()),
         ],
-        "medml.data",
-        "medml.catalog",
+        "medml.data.dataset",
     ),
 )
 def preprocess(settings: Settings, workspace: str) -> dict[str, Any]:
-    """Split patients, then fill the persistent MONAI cache so epochs read no raw file."""
-    from medml.data.dataset import cached_dataset, items_from_scans
-    from medml.train import ensure_splits
+    """Split patients, then fill the persistent MONAI cache (medml.data.dataset)."""
+    from medml.data.dataset import preprocess_catalog
 
-    ws = _ws(workspace)
-    scans = ensure_splits(Catalog(ws.catalog_url), settings.split)
-    dataset = cached_dataset(ws, settings.preprocess, items_from_scans(ws, scans, []))
-    for i in range(len(dataset)):
-        dataset[i]
-    splits = pd.Series([s["split"] for s in scans]).value_counts().to_dict()
-    get_run_logger().info("cached %d volumes; splits %s", len(dataset), splits)
-    return jsonable({"cached": len(dataset), "splits": splits})
+    result = preprocess_catalog(_ws(workspace), settings.split, settings.preprocess)
+    get_run_logger().info("cached %d volumes; splits %s", result["cached"], result["splits"])
+    return jsonable(result)
 
 
-@task(name="train", cache_policy=step_cache(_training_key, *TRAIN_CODE))
+@task(name="train", cache_policy=step_cache(_training_key, "medml.train"))
 def train_encoder(settings: Settings, workspace: str) -> dict[str, Any]:
-    """Train and evaluate an encoder, tracked in MLflow (medml.train.train)."""
+    """Fit an encoder, tracked in MLflow; the best epoch's checkpoint (medml.train.train)."""
     from medml.train import train
 
     result = train(settings, _ws(workspace), progress=False)
-    get_run_logger().info("run %s: test %s", result.run_id, result.metrics)
-    return jsonable(
-        {"run_id": result.run_id, "model_uri": result.model_uri, "metrics": result.metrics}
+    get_run_logger().info(
+        "run %s: best epoch %d, val MAP@R %.3f", result.run_id, result.best_epoch, result.best_score
     )
+    return jsonable(
+        {
+            "run_id": result.run_id,
+            "checkpoint": str(result.checkpoint),
+            "best_epoch": result.best_epoch,
+            "best_score": result.best_score,
+            "classes": result.classes,
+        }
+    )
+
+
+def _run_key(p: dict[str, Any]) -> list[Any]:
+    return [p["run"]["run_id"], p["run"]["checkpoint"], _training_key(p)]
+
+
+@task(
+    name="evaluate",
+    cache_policy=step_cache(lambda p: [_run_key(p), p["settings"].evaluate], "medml.evaluate.run"),
+)
+def evaluate_encoder(run: dict[str, Any], settings: Settings, workspace: str) -> dict[str, Any]:
+    """The contract's metrics of a trained run, logged to it (medml.evaluate.run.evaluate_run)."""
+    from medml.evaluate.run import evaluate_run
+
+    metrics = evaluate_run(run["run_id"], settings, _ws(workspace), Path(run["checkpoint"]))
+    get_run_logger().info("run %s: %s %s", run["run_id"], metrics["split"], metrics)
+    return jsonable({"run_id": run["run_id"], "metrics": metrics})
+
+
+@task(
+    name="package",
+    cache_policy=step_cache(
+        lambda p: [_run_key(p), p["settings"].prototypes], "medml.registry.package"
+    ),
+)
+def package_model(run: dict[str, Any], settings: Settings, workspace: str) -> dict[str, Any]:
+    """Log the run's encoder with train-split prototypes as an MLflow model
+    (medml.registry.package.package_run)."""
+    from medml.registry.package import package_run
+
+    uri = package_run(run["run_id"], settings, _ws(workspace), Path(run["checkpoint"]))
+    get_run_logger().info("packaged %s", uri)
+    return {"run_id": run["run_id"], "model_uri": uri}
 
 
 @task(
     name="sweep",
     cache_policy=step_cache(
-        lambda p: [_training_key(p), list(p["losses"]), p["seeds"]], *TRAIN_CODE
+        lambda p: [_training_key(p), list(p["losses"]), p["seeds"]], "medml.sweep"
     ),
 )
 def sweep_losses(
     settings: Settings, workspace: str, losses: list[str], seeds: int
 ) -> dict[str, Any]:
-    """Train each loss under one parent MLflow run (medml.train.sweep.sweep)."""
-    from medml.train.sweep import sweep  # written alongside; imported only when a sweep runs
+    """Train each loss under one parent MLflow run (medml.sweep.sweep)."""
+    from medml.sweep import sweep  # written alongside; imported only when a sweep runs
 
     result = sweep(settings, _ws(workspace), losses, seeds=seeds, progress=False)
     get_run_logger().info(
@@ -265,43 +288,19 @@ def _support_key(p: dict[str, Any]) -> list[Any]:
     return [p["model_uri"], p["settings"].prototypes, data, ws.mlflow_uri]
 
 
-@task(
-    name="prototypes",
-    cache_policy=step_cache(_support_key, "medml.fewshot", "medml.predict"),
-)
+@task(name="prototypes", cache_policy=step_cache(_support_key, "medml.registry.register"))
 def build_prototypes(
     model_uri: str, settings: Settings, workspace: str, support: str | None = None
 ) -> dict[str, Any]:
     """K-shot support set (given, or drawn from the train split) -> prototypes -> registered
-    model version with the configured alias (medml.fewshot.register.register_prototypes)."""
-    from medml.fewshot.prototypes import select_support
-    from medml.fewshot.register import catalog_pairs, read_support, register_prototypes
-    from medml.io import atomic_path
+    model version with the configured alias (medml.registry.register.register_from_catalog)."""
+    from medml.registry.register import register_from_catalog
 
-    pc, ws = settings.prototypes, _ws(workspace)
-    if support is None:
-        scans = Catalog(ws.catalog_url).list_scans(split="train")
-        rng = np.random.default_rng(pc.seed)
-        picks = select_support([s["label"] for s in scans], pc.shots, rng)
-        support = str(ws.reports / "support.csv")
-        with atomic_path(Path(support), suffix=".csv") as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "label", "scan_id"])
-            for i in picks:
-                s = scans[i]
-                writer.writerow([str(ws.root / s["volume"]), s["label"], s["scan_id"]])
-    # Temperature (and, with prototypes.target_far set, the 'unknown' threshold) are fitted on
-    # the catalog's validation split.
-    reg = register_prototypes(
-        model_uri,
-        read_support(support),
-        pc.model_name,
-        pc.alias,
-        validation=catalog_pairs(ws, "val") or None,
-        workspace=ws,
+    reg, support_csv = register_from_catalog(
+        model_uri, settings.prototypes, _ws(workspace), support
     )
     get_run_logger().info("registered %s version %s as @%s", reg.name, reg.version, reg.alias)
-    return jsonable({**asdict(reg), "support_csv": support})
+    return jsonable({**asdict(reg), "support_csv": str(support_csv)})
 
 
 def version_stale(workspace: str) -> Any:
@@ -330,19 +329,11 @@ def version_stale(workspace: str) -> Any:
 def resolve_model(model_uri: str, workspace: str) -> dict[str, str]:
     """An alias (``models:/NAME@champion``) to the version it points at now, plus a tag that
     changes whenever that model changes (the predictions' cache keys use it)."""
-    from mlflow import MlflowClient
-
-    from medml.tracking import configure
+    from medml.tracking import configure, resolve_model_uri
 
     configure(_ws(workspace))
-    if model_uri.startswith("models:/") and "@" in model_uri:
-        name, alias = model_uri.removeprefix("models:/").split("@", 1)
-        mv = MlflowClient().get_model_version_by_alias(name, alias)
-        return {
-            "uri": f"models:/{name}/{mv.version}",
-            "tag": digest(name, mv.version, mv.run_id, mv.creation_timestamp, mv.source),
-        }
-    return {"uri": model_uri, "tag": digest(model_uri)}
+    resolved = resolve_model_uri(model_uri)
+    return {"uri": resolved["uri"], "tag": digest(*resolved.values())}
 
 
 @task(name="discover-inputs", cache_policy=NO_CACHE)

@@ -124,8 +124,12 @@ class Catalog:
             conn.execute(sa.delete(scans).where(scans.c.scan_id.in_([r["scan_id"] for r in rows])))
             conn.execute(sa.insert(scans), rows)
 
-    def list_scans(self, split: str | None = None, labelled: bool = True) -> list[dict[str, Any]]:
-        """Scans ordered by content; optionally one split, optionally only labelled ones.
+    def list_scans(
+        self, split: str | None = None, labelled: bool = True, class_set: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Scans ordered by content; optionally one split, only labelled ones, one class set.
+
+        ``class_set="base"`` also matches rows without a class set (catalogs older than it).
 
         Ordered by the voxel content hash (scan id breaks ties), not by id alone: ids are keyed
         hashes that differ with each workspace's secret, and everything downstream (batches,
@@ -136,6 +140,10 @@ class Catalog:
             query = query.where(scans.c.split == split)
         if labelled:
             query = query.where(scans.c.label.is_not(None))
+        if class_set == "base":
+            query = query.where(sa.or_(scans.c.class_set == "base", scans.c.class_set.is_(None)))
+        elif class_set is not None:
+            query = query.where(scans.c.class_set == class_set)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 

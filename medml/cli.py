@@ -108,9 +108,15 @@ def synth(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder to write DICOM/NIfTI and labels.csv.")
     ],
-    n_patients: Annotated[int, typer.Option(help="Number of patients.")] = 60,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    format: Annotated[str, typer.Option("--format", help="dicom, nifti or mixed.")] = "mixed",
+    n_patients: Annotated[
+        int | None, typer.Option(help="Number of patients [synth.n_patients: 60].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed; same seed, same bytes [synth.seed: 0].")
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="dicom, nifti or mixed [synth.format: mixed].")
+    ] = None,
     novel: Annotated[
         bool, typer.Option("--novel", help="Add finding classes for few-shot (class_set novel).")
     ] = False,
@@ -128,16 +134,15 @@ def synth(
     """Write a synthetic dataset (phantoms with fake patient identities) and OUT/labels.csv."""
     from medml.synth import generate
 
+    # Options given on the command line win over --config/--set; options left out do not
+    # override them (their defaults are the config's).
+    given = {"kind": kind, "n_patients": n_patients, "seed": seed, "format": format}
+    flags = {"novel": novel or None, "messy": messy or None}
     settings = _settings(
         config,
         [
             *(set_ or []),
-            f"synth.kind={kind}",
-            f"synth.n_patients={n_patients}",
-            f"synth.seed={seed}",
-            f"synth.format={format}",
-            *(["synth.novel=true"] if novel else []),
-            *(["synth.messy=true"] if messy else []),
+            *(f"synth.{k}={v}" for k, v in {**given, **flags}.items() if v is not None),
         ],
     )
     try:
@@ -162,7 +167,7 @@ def import_medmnist_cmd(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Import a MedMNIST 3D set into the catalog, keeping its official splits and class names."""
-    from medml.medmnist import MedMNISTError, import_medmnist
+    from medml.importers.medmnist import MedMNISTError, import_medmnist
 
     ws = _workspace(workspace)
     try:
@@ -236,6 +241,8 @@ def train_cmd(
     Under `torchrun --nproc-per-node N -m medml.cli train ...` it trains with
     DistributedDataParallel (gloo on CPU, NCCL on GPU).
     """
+    from medml.evaluate.run import evaluate_run
+    from medml.registry.package import package_run
     from medml.train import checkpoint, train
 
     settings = _settings(config, set_)
@@ -252,12 +259,15 @@ def train_cmd(
                 f"no checkpoint to resume in {ws.checkpoints}", param_hint="--resume"
             )
     try:
-        result = train(settings, ws, resume=last)
+        fitted = train(settings, ws, resume=last)
+        if not fitted.run_id:  # another rank of a torchrun job: rank 0 reports
+            return
+        metrics = evaluate_run(fitted.run_id, settings, ws, fitted.checkpoint)
+        model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
     except Exception as exc:
         _fail(exc)
-    if result.run_id:  # rank 0 (or a single process) reports
-        typer.echo(f"model: {result.model_uri}", err=True)
-        _json_line(result.metrics)
+    typer.echo(f"model: {model_uri}", err=True)
+    _json_line(metrics)
 
 
 @app.command("sweep")
@@ -273,11 +283,11 @@ def sweep_cmd(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Train each loss on the same data, splits, seeds and budget under one MLflow parent run."""
-    from medml.config import LOSSES
-    from medml.train.sweep import sweep
+    from medml.losses.registry import LOSSES
+    from medml.sweep import sweep
 
     names = [n.strip() for n in losses.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(LOSSES))
+    unknown = sorted(set(names) - set(LOSSES.names()))
     if unknown or not names:
         raise typer.BadParameter(
             f"unknown loss(es) {unknown}; choose from {', '.join(LOSSES)}", param_hint="--losses"
@@ -303,7 +313,9 @@ def evaluate_cmd(
     ways: Annotated[int | None, typer.Option(help="N classes per episode.")] = None,
     shots: Annotated[int | None, typer.Option(help="K support scans per class.")] = None,
     episodes: Annotated[int | None, typer.Option(help="Number of episodes.")] = None,
-    split: Annotated[str, typer.Option(help="Catalog split to evaluate.")] = "test",
+    split: Annotated[
+        str | None, typer.Option(help="Catalog split to evaluate [the model's evaluate.split].")
+    ] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Retrieval metrics, nearest-centroid accuracy and few-shot episodes; JSON line last."""
@@ -318,6 +330,7 @@ def evaluate_cmd(
         m = load_medml_model(model)
         updates = {k: v for k, v in (("ways", ways), ("shots", shots), ("episodes", episodes)) if v}
         cfg = m.settings.evaluate.model_copy(update=updates)
+        split = split or cfg.split
         use_experiment(ws, m.settings.train.experiment)
         with mlflow.start_run(run_name="evaluate") as run:
             mlflow.log_params({"model_uri": model, "split": split, **updates})
@@ -331,7 +344,7 @@ def evaluate_cmd(
 def _validation_pairs(ws: Workspace, validation: Path | None) -> list[tuple[str, str]]:
     """Validation scans from ``--validation`` (CSV or class folders), else the catalog's val
     split; empty when the workspace has no catalog to draw from."""
-    from medml.fewshot.register import catalog_pairs, read_support
+    from medml.registry.register import catalog_pairs, read_support
 
     if validation is not None:
         return read_support(validation)
@@ -369,7 +382,7 @@ def prototypes_cmd(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Build class prototypes from a support set and register a new model version."""
-    from medml.fewshot.register import read_support, register_prototypes
+    from medml.registry.register import read_support, register_prototypes
 
     ws = _tracked_workspace(workspace)
     try:
@@ -459,7 +472,7 @@ def promote_cmd(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Compare @challenger with @champion on validation scans; move @champion if better."""
-    from medml.fewshot.promote import promote
+    from medml.registry.promote import promote
 
     ws = _tracked_workspace(workspace)
     try:

@@ -9,10 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from medml.extensions import registry
+
+
+def _registered(module: str, attr: str):
+    """A validator: the value must be a name of that extension registry (imported by name)."""
+    return AfterValidator(lambda name: registry(module, attr).check(name))
+
+
+Modality = Annotated[str, _registered("medml.data.intensity", "INTENSITY")]
+Backbone = Annotated[str, _registered("medml.models.backbones", "BACKBONES")]
+LossName = Annotated[str, _registered("medml.losses.registry", "LOSSES")]
 
 
 class _Strict(BaseModel):
@@ -92,8 +104,8 @@ class IngestConfig(_Strict):
 class PreprocessConfig(_Strict):
     """The deterministic MONAI chain whose output is cached."""
 
-    modality: Literal["CT", "MR", "mask"] = Field(
-        "CT", description="intensity step: CT window, MR z-score, or mask (plain 0..1 scaling)"
+    modality: Modality = Field(
+        "CT", description="intensity step (medml/data/intensity.py): CT window, MR z-score, mask"
     )
     pixdim: tuple[float, float, float] = (6.0, 6.0, 6.0)
     window: tuple[float, float] = (-1150.0, 350.0)
@@ -108,34 +120,10 @@ class PreprocessConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-BACKBONES = (
-    "resnet10",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "densenet121",
-    "efficientnet-b0",
-    "efficientnet-b1",
-    "efficientnet-b2",
-    "seresnet50",
-)
-LOSSES = (
-    "triplet",
-    "arcface",
-    "adacos",
-    "cosface",
-    "subcenter-arcface",
-    "proxy-anchor",
-    "multi-similarity",
-    "supcon",
-    "softmax",
-)
-
-
 class ModelConfig(_Strict):
     """Encoder: MONAI backbone + projection head + L2 normalisation."""
 
-    backbone: Literal[BACKBONES] = "resnet10"  # type: ignore[valid-type]
+    backbone: Backbone = Field("resnet10", description="a name of medml/models/backbones.py")
     conv1_t_stride: int = Field(2, description="ResNets only: 2 is ~10x faster in 3D than 1")
     widen_factor: float = Field(0.5, gt=0, description="ResNets only: channel multiplier")
     embedding_dim: int = Field(128, ge=2)
@@ -146,18 +134,28 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """Metric-learning loss (pytorch-metric-learning, plus AdaCos) and, for triplets, the miner.
+    """Metric-learning loss and miner, by their names in ``medml/losses/registry.py``.
 
-    ``margin`` and ``scale`` default per loss when left empty (see ``medml/losses``).
+    Options left unset keep the library's own defaults (e.g. PML's ArcFace: 28.6 deg, s = 64).
+    ``margin``/``scale``/``temperature`` are shortcuts for the losses that have them; any other
+    constructor option goes in ``options``. ``miner`` empty: the loss's default miner
+    (semi-hard for triplet); ``none``: no mining; a miner has the loss margin unless
+    ``miner_options`` gives its own.
     """
 
-    name: Literal[LOSSES] = "triplet"  # type: ignore[valid-type]
+    name: LossName = "triplet"
     margin: float | None = Field(None, description="triplet/cosface/proxy: distance; arcface: deg")
     scale: float | None = Field(None, description="arcface/cosface/subcenter scale s")
-    miner: Literal["semihard", "hard", "all", "batch-hard"] = "semihard"
-    adacos_dynamic: bool = Field(True, description="AdaCos: recompute s per batch (else fixed)")
-    subcenters: int = Field(3, ge=1)
-    temperature: float = Field(0.1, gt=0, description="SupCon temperature")
+    temperature: float | None = Field(None, gt=0, description="supcon temperature")
+    options: dict[str, Any] = Field(default_factory=dict, description="other loss arguments")
+    miner: str | None = Field(None, description="a miner of the registry, or none")
+    miner_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_miner(self) -> LossConfig:
+        if self.miner not in (None, "none"):
+            registry("medml.losses.registry", "MINERS").check(self.miner)
+        return self
 
 
 class SplitConfig(_Strict):

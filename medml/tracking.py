@@ -50,3 +50,20 @@ def use_experiment(ws: Workspace, name: str) -> str:
 def log_params_flat(params: dict) -> None:
     """Log a flattened config; MLflow caps values at 6000 characters."""
     mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def resolve_model_uri(model_uri: str) -> dict[str, str]:
+    """``models:/NAME@alias`` as the version it points at now (``models:/NAME/V``) with that
+    version's identity (run, creation time, source); any other URI unchanged."""
+    if not (model_uri.startswith("models:/") and "@" in model_uri):
+        return {"uri": model_uri}
+    name, alias = model_uri.removeprefix("models:/").split("@", 1)
+    mv = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    return {
+        "uri": f"models:/{name}/{mv.version}",
+        "name": name,
+        "version": str(mv.version),
+        "run_id": str(mv.run_id),
+        "created": str(mv.creation_timestamp),
+        "source": str(mv.source),
+    }

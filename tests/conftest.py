@@ -56,3 +56,18 @@ def _restore_mlflow_environment():
         if key not in saved:
             del os.environ[key]
     os.environ.update(saved)
+
+
+def fit_and_package(settings: Settings, ws: Workspace, **kwargs):
+    """What ``medml train`` does: fit, evaluate the best epoch, package it as an MLflow model.
+
+    Returns the fit result with ``model_uri`` and the evaluation ``metrics`` attached.
+    """
+    from medml.evaluate.run import evaluate_run
+    from medml.registry.package import package_run
+    from medml.train import train
+
+    fitted = train(settings, ws, progress=False, **kwargs)
+    fitted.metrics = evaluate_run(fitted.run_id, settings, ws, fitted.checkpoint)
+    fitted.model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
+    return fitted

@@ -65,3 +65,17 @@ def test_synth_then_ingest_from_the_console_script(tmp_path):
     n_studies = len((out / "labels.csv").read_text().strip().splitlines()) - 1
     assert f"ingested into {n_studies} scans" in done.stdout
     assert list((tmp_path / "ws" / "reports").glob("ingest-*.json"))
+
+
+def test_synth_options_left_out_do_not_override_config(tmp_path):
+    """`--set synth.n_patients=2` used to give 60 patients: the command's own defaults won."""
+    out = tmp_path / "raw"
+    small = ["--set", "synth.matrix=16", "--set", "synth.z_extent_mm=64"]
+    args = ["synth", "covid-ct", "--out", str(out), "--set", "synth.n_patients=2", *small]
+    result = runner.invoke(app, [*args, "--set", "synth.format=nifti"])
+    assert result.exit_code == 0, result.output
+    assert "of 2 patients" in result.output
+    assert not list(out.rglob("*.dcm"))  # synth.format=nifti was kept too
+    result = runner.invoke(app, [*args, "--n-patients", "1"])  # an explicit option still wins
+    assert result.exit_code == 0, result.output
+    assert "of 1 patients" in result.output

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from medml.evaluate.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
 from medml.fewshot.prototypes import UNKNOWN, Prototypes, build_prototypes, select_support
+from medml.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
 
 
 def test_prototype_is_renormalised_mean_with_spread():

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medml.config import LOSSES, LossConfig
-from medml.losses import build_loss
+from medml.config import LossConfig
+from medml.losses import LOSSES, build_loss
 from medml.losses.adacos import AdaCosLoss, dynamic_scale, fixed_scale
 
 
@@ -18,13 +18,19 @@ def _separable(n_per_class=6, n_classes=3, dim=6, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("name", LOSSES.names())
 def test_each_loss_backpropagates_and_falls_on_a_separable_set(name):
     torch.manual_seed(0)
     x, y = _separable()
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     bundle = build_loss(
-        LossConfig(name=name, miner="all" if name == "triplet" else "semihard"), 3, 8
+        LossConfig(
+            name=name,
+            margin=0.2 if name == "triplet" else None,
+            miner="all" if name == "triplet" else None,
+        ),
+        3,
+        8,
     )
     params = [{"params": net.parameters(), "lr": 1e-2}]
     if bundle.has_parameters:

@@ -11,7 +11,7 @@ from medml.catalog import Catalog
 from medml.cli import app
 from medml.config import PreprocessConfig, load_settings
 from medml.data.transforms import deterministic_chain
-from medml.medmnist import INFO, MedMNISTError, dataset_name, import_medmnist
+from medml.importers.medmnist import INFO, MedMNISTError, dataset_name, import_medmnist
 from medml.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@ import torch
 
 from medml.config import LossConfig, ModelConfig
 from medml.losses import build_loss
-from medml.models import build_encoder
+from medml.models.encoder import build_encoder
 
 
 def test_encoder_embeds_to_unit_vectors():

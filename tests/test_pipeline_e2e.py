@@ -244,7 +244,7 @@ def test_dask_runner_ingests_the_same_catalog_as_the_default(
 
 
 def test_sweep_flow_tabulates_losses_and_is_cached_on_rerun(run):
-    """The sweep flow over medml.train.sweep: one row per loss, then skipped when unchanged."""
+    """The sweep flow over medml.sweep: one row per loss, then skipped when unchanged."""
     from flows.sweep import sweep_flow
 
     ws, _, _ = run

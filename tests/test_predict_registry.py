@@ -18,16 +18,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import fit_and_package
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from medml.cli import app
 from medml.fewshot.prototypes import select_support
-from medml.fewshot.register import catalog_pairs, register_prototypes
 from medml.predict.batch import ledger_path, predict_frame
 from medml.predict.pyfunc import load_medml_model
+from medml.registry.register import catalog_pairs, register_prototypes
 from medml.tracking import configure
-from medml.train import train
 from medml.workspace import Workspace
 
 NAME = "medml-tiny"
@@ -60,7 +60,7 @@ def setup(tmp_path_factory, ingested, tiny_settings):
         update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
     )
     configure(ws)
-    trained = train(settings, ws, progress=False)
+    trained = fit_and_package(settings, ws)
     train_pairs = catalog_pairs(ws, "train")
     picks = select_support([lab for _, lab in train_pairs], 2, np.random.default_rng(0))
     base_support = [train_pairs[i] for i in picks]
@@ -76,7 +76,10 @@ def setup(tmp_path_factory, ingested, tiny_settings):
     )
     (root / "noise").mkdir()
     noise = [_noise_volume(root / "noise" / f"n{s}.nii.gz", s) for s in range(10)]
-    return {"root": root, "ws": ws, "v1": v1, "support": base_support, "val": val, "noise": noise}
+    return {
+        "root": root, "ws": ws, "v1": v1, "support": base_support, "val": val, "noise": noise,
+        "trained": trained, "settings": settings,
+    }  # fmt: skip
 
 
 def test_calibration_is_fitted_on_validation_and_logged(setup):
@@ -268,3 +271,18 @@ def test_a_dicom_series_folder_predicts_as_its_ingested_volume(setup, tiny_raw):
     assert len(twins) == 1
     assert twins.iloc[0].predicted_class == dicom_row.predicted_class
     assert twins.iloc[0].similarity == pytest.approx(dicom_row.similarity, abs=1e-6)
+
+
+def test_evaluate_follows_the_models_split_unless_split_is_given(setup):
+    """`medml evaluate` used to evaluate 'test' whatever the model's evaluate.split said."""
+    from medml.registry.package import package_run
+
+    ws, settings, trained = setup["ws"], setup["settings"], setup["trained"]
+    on_val = settings.model_copy(
+        update={"evaluate": settings.evaluate.model_copy(update={"split": "val", "episodes": 5})}
+    )
+    uri = package_run(trained.run_id, on_val, ws, trained.checkpoint)
+    for extra, expected in (([], "val"), (["--split", "train"], "train")):
+        res = runner.invoke(app, ["evaluate", "-m", uri, "--workspace", str(ws.root), *extra])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output.strip().splitlines()[-1])["split"] == expected

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from medml.config import Settings
-from medml.train.sweep import TABLE_METRICS, summarise, to_markdown
+from medml.sweep import TABLE_METRICS, summarise, to_markdown
 from medml.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def mlflow_server(tmp_path):
 def test_sweep_parent_children_and_metrics_via_rest(
     tmp_path, ingested, tiny_settings: Settings, mlflow_server, monkeypatch
 ):
-    from medml.train.sweep import sweep
+    from medml.sweep import sweep
 
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(ingested.root, ws.root)

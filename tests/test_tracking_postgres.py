@@ -9,14 +9,14 @@ import uuid
 import mlflow
 import pandas as pd
 import pytest
+from conftest import fit_and_package
 from mlflow import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 
 from medml.catalog import Catalog
-from medml.fewshot.register import register_prototypes
 from medml.ingest import ingest
+from medml.registry.register import register_prototypes
 from medml.tracking import configure
-from medml.train import train
 from medml.workspace import Workspace
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver) not installed")
@@ -74,7 +74,7 @@ def test_mlflow_and_catalog_on_postgresql(pg_urls, monkeypatch, tmp_path, tiny_r
     scans = Catalog(catalog_url).list_scans()
     assert len(scans) == result.counts["scans"] > 0
 
-    trained = train(tiny_settings, ws, progress=False)
+    trained = fit_and_package(tiny_settings, ws)
     reg = register_prototypes(
         trained.model_uri,
         [(str(ws.root / s["volume"]), s["label"]) for s in Catalog(catalog_url).list_scans()],

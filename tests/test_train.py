@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_and_package
 from mlflow import MlflowClient
 
 from medml.catalog import Catalog
 from medml.tracking import configure
-from medml.train import checkpoint, train
+from medml.train import checkpoint
 from medml.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_early_stopping_checkpoints_and_figures(tmp_path, ingested, tiny_setting
             )
         }
     )
-    result = train(settings, ws, progress=False)
+    result = fit_and_package(settings, ws)
     state = _last_state(ws)["progress"]
     assert state["finished"] and state["epoch"] < 30
     assert state["epoch"] - state["best_epoch"] == 1
@@ -127,8 +128,8 @@ def test_early_stopping_checkpoints_and_figures(tmp_path, ingested, tiny_setting
 def test_other_backbones_train_one_step(backbone):
     from medml.config import LossConfig, ModelConfig
     from medml.losses import build_loss
-    from medml.models import build_encoder
-    from medml.train.loop import MetricModel
+    from medml.models.encoder import build_encoder
+    from medml.train.trainer import MetricModel
 
     model = MetricModel(
         build_encoder(ModelConfig(backbone=backbone, embedding_dim=8)),
@@ -141,7 +142,7 @@ def test_other_backbones_train_one_step(backbone):
 
 def test_initial_weights_load_safely(tmp_path):
     from medml.config import ModelConfig
-    from medml.models import build_encoder
+    from medml.models.encoder import build_encoder
 
     source = build_encoder(ModelConfig())
     path = tmp_path / "medicalnet.pth"
@@ -191,7 +192,7 @@ def test_the_same_data_trains_the_same_in_any_workspace(
         monkeypatch.setenv("MEDML_DEID_SECRET", secret)
         ws = Workspace(tmp_path / secret).ensure()
         ingest(tiny_raw, ws, tiny_raw / "labels.csv", tiny_settings.ingest, progress=False)
-        results.append((train(settings, ws, progress=False), ws))
+        results.append((fit_and_package(settings, ws), ws))
     (first, ws1), (second, ws2) = results
     ids1 = {s["scan_id"] for s in Catalog(ws1.catalog_url).list_scans()}
     assert not ids1 & {s["scan_id"] for s in Catalog(ws2.catalog_url).list_scans()}

@@ -18,7 +18,9 @@ import torch
 from monai.data import PersistentDataset
 from torch.utils.data import Dataset
 
-from medml.config import PreprocessConfig
+from medml.catalog import Catalog
+from medml.config import PreprocessConfig, SplitConfig
+from medml.data.splits import ensure_splits
 from medml.data.transforms import KEY, deterministic_chain
 from medml.workspace import Workspace
 
@@ -103,3 +105,16 @@ def cached_dataset(
     """Dataset of the deterministic chain, cached under ``ws/cache/<fingerprint>`` (and in RAM
     up to ``memory_mb``)."""
     return CachedVolumes(ws, cfg, items, memory_mb)
+
+
+def preprocess_catalog(ws: Workspace, split: SplitConfig, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Assign missing patient-level splits, then run every labelled scan through the chain into
+    the persistent cache, so training epochs read no raw file. Returns counts per split."""
+    scans = ensure_splits(Catalog(ws.catalog_url), split)
+    dataset = cached_dataset(ws, cfg, items_from_scans(ws, scans, []))
+    for i in range(len(dataset)):
+        dataset.image(i)
+    splits: dict[str, int] = {}
+    for s in scans:
+        splits[str(s["split"])] = splits.get(str(s["split"]), 0) + 1
+    return {"cached": len(dataset), "splits": splits}

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from medml.catalog import Catalog
 from medml.config import SplitConfig
 
 
@@ -47,3 +48,12 @@ def assign_splits(scans: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str
 def _content_order(scan: dict[str, Any]) -> tuple[str, str]:
     """Sort key independent of the de-identification secret (scan id only breaks ties)."""
     return (scan.get("content_hash") or "", scan["scan_id"])
+
+
+def ensure_splits(catalog: Catalog, cfg: SplitConfig) -> list[dict[str, Any]]:
+    """Assign patient-level splits when any labelled scan lacks one; return all labelled scans."""
+    scans = catalog.list_scans()
+    if any(s["split"] is None for s in scans):
+        catalog.set_splits(assign_splits(scans, cfg))
+        scans = catalog.list_scans()
+    return scans

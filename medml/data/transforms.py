@@ -1,4 +1,5 @@
-"""MONAI transform chains per modality.
+"""The MONAI transform chain; the intensity step comes from the modality registry
+(:mod:`medml.data.intensity`).
 
 The deterministic part (load, orientation, spacing, intensity, crop, resize) is what the
 persistent cache stores; anything random must come after it.
@@ -9,8 +10,9 @@ from __future__ import annotations
 from monai import transforms as mt
 
 from medml.config import PreprocessConfig
+from medml.data.intensity import INTENSITY, KEY
 
-KEY = "image"
+__all__ = ["KEY", "deterministic_chain"]
 
 
 def deterministic_chain(cfg: PreprocessConfig, load: bool = True) -> mt.Compose:
@@ -18,14 +20,7 @@ def deterministic_chain(cfg: PreprocessConfig, load: bool = True) -> mt.Compose:
 
     With ``load`` the input is a NIfTI path; without, a channel-first MetaTensor with its affine.
     """
-    if cfg.modality == "CT":
-        intensity = mt.ScaleIntensityRanged(
-            KEY, a_min=cfg.window[0], a_max=cfg.window[1], b_min=0.0, b_max=1.0, clip=True
-        )
-    elif cfg.modality == "mask":  # binary/label masks (e.g. AdrenalMNIST3D's 0/255 shapes)
-        intensity = mt.ScaleIntensityd(KEY, minv=0.0, maxv=1.0)
-    else:
-        intensity = mt.NormalizeIntensityd(KEY, nonzero=True, channel_wise=True)
+    intensity = INTENSITY[cfg.modality].build(cfg)
     loader = [mt.LoadImaged(KEY, image_only=True, ensure_channel_first=True)] if load else []
     return mt.Compose(
         [

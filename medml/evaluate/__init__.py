@@ -1,5 +1,1 @@
-"""Evaluation: Reality Check retrieval metrics, nearest-centroid classification, episodes."""
-
-from medml.evaluate.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
-
-__all__ = ["centroid_metrics", "fewshot_episodes", "retrieval_metrics"]
+"""Evaluation of a trained encoder on the catalog: the contract's metrics, and run figures."""

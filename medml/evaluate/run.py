@@ -9,59 +9,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import pandas as pd
 
 from medml.catalog import Catalog
-from medml.config import EvaluateConfig, PreprocessConfig
-from medml.data.dataset import cached_dataset, items_from_scans
-from medml.evaluate.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
-from medml.models.encoder import Encoder
-from medml.models.inference import embed_dataset
+from medml.config import EvaluateConfig, PreprocessConfig, Settings
+from medml.evaluate.run_figures import log_figures
+from medml.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
+from medml.models.encoder import Encoder, load_encoder
+from medml.models.inference import Embedded, embed_scans
 from medml.workspace import Workspace
-
-
-@dataclass
-class Embedded:
-    """Embeddings of a set of catalog scans with their class names and ids."""
-
-    emb: np.ndarray
-    labels: np.ndarray
-    scan_ids: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def embed_scans(
-    encoder: Encoder,
-    ws: Workspace,
-    pp: PreprocessConfig,
-    scans: list[dict[str, Any]],
-    batch_size: int,
-) -> Embedded:
-    """Embed catalog scans through the persistent cache."""
-    emb, _ = embed_dataset(
-        encoder, cached_dataset(ws, pp, items_from_scans(ws, scans, [])), batch_size
-    )
-    return Embedded(emb, np.array([s["label"] for s in scans]), [s["scan_id"] for s in scans])
-
-
-def base_scans(catalog: Catalog, split: str) -> list[dict[str, Any]]:
-    return [s for s in catalog.list_scans(split=split) if (s.get("class_set") or "base") == "base"]
-
-
-def novel_scans(catalog: Catalog) -> list[dict[str, Any]]:
-    return [s for s in catalog.list_scans() if s.get("class_set") == "novel"]
-
-
-def embed_split(
-    encoder: Encoder, ws: Workspace, pp: PreprocessConfig, split: str, batch_size: int
-) -> Embedded:
-    """Embeddings of one split's labelled base-class scans."""
-    return embed_scans(encoder, ws, pp, base_scans(Catalog(ws.catalog_url), split), batch_size)
 
 
 def evaluate_encoder(
@@ -75,8 +36,10 @@ def evaluate_encoder(
     """The contract's metrics for ``split``; pass ``keep={}`` to receive the embeddings too."""
     split = split or cfg.split
     catalog = Catalog(ws.catalog_url)
-    train = embed_scans(encoder, ws, pp, base_scans(catalog, "train"), cfg.batch_size)
-    held = embed_scans(encoder, ws, pp, base_scans(catalog, split), cfg.batch_size)
+    train = embed_scans(
+        encoder, ws, pp, catalog.list_scans("train", class_set="base"), cfg.batch_size
+    )
+    held = embed_scans(encoder, ws, pp, catalog.list_scans(split, class_set="base"), cfg.batch_size)
     if len(held) == 0:
         raise ValueError(f"split '{split}' has no labelled scans in the catalog")
     classes = sorted(set(train.labels.tolist()))
@@ -90,7 +53,7 @@ def evaluate_encoder(
     base = fewshot_episodes(train.emb, train.labels, held.emb, held.labels, *episodes)
     out["fewshot_base"] = {"classes": "base", "support": "train", **base}
     out["fewshot"] = out["fewshot_base"]
-    novel_list = novel_scans(catalog)
+    novel_list = catalog.list_scans(class_set="novel")
     if novel_list:
         novel = embed_scans(encoder, ws, pp, novel_list, cfg.batch_size)
         fs = fewshot_episodes(novel.emb, novel.labels, novel.emb, novel.labels, *episodes)
@@ -113,3 +76,36 @@ def flat_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
             }
         )
     return {k: v for k, v in flat.items() if np.isfinite(v)}
+
+
+def evaluate_run(
+    run_id: str, settings: Settings, ws: Workspace, checkpoint: Path, figures: bool = True
+) -> dict[str, Any]:
+    """Evaluate a training run's best encoder and log the metrics (and figures) to that run.
+
+    Returns the train/evaluate JSON contract: ``run_id`` plus the metrics of
+    ``settings.evaluate.split``.
+    """
+    encoder = load_encoder(settings.model, checkpoint)
+    embedded: dict[str, Embedded] = {}
+    metrics = evaluate_encoder(encoder, ws, settings.preprocess, settings.evaluate, keep=embedded)
+    split = metrics["split"]
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        mlflow.log_metrics(flat_metrics(metrics, f"{split}_"))
+        if figures:
+            log_figures(settings, ws, embedded["train"], embedded[split], split)
+    return {"run_id": run_id, **metrics}
+
+
+def heldout_inputs(ws: Workspace, split: str) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Prediction inputs (volume path + scan id) of a split's labelled scans, and their labels."""
+    scans = Catalog(ws.catalog_url).list_scans(split=split)
+    rows = [{"path": str(ws.root / s["volume"]), "scan_id": s["scan_id"]} for s in scans]
+    return rows, {s["scan_id"]: s["label"] for s in scans}
+
+
+def prediction_accuracy(predictions_csv: str | Path, truth: dict[str, str]) -> float:
+    """Share of prediction rows whose class equals the catalog label of their scan id."""
+    preds = pd.read_csv(predictions_csv)
+    hits = [truth.get(i) == p for i, p in zip(preds.scan_id, preds.predicted_class)]
+    return float(np.mean(hits)) if hits else float("nan")

@@ -1,5 +1,2 @@
-"""Encoders: MONAI backbone + projection head + L2 normalisation."""
-
-from medml.models.encoder import Encoder, build_encoder
-
-__all__ = ["Encoder", "build_encoder"]
+"""Encoders: a registered MONAI backbone (``backbones``) + projection head + L2 normalisation
+(``encoder``); embedding datasets and catalog scans (``inference``)."""

@@ -1,17 +1,36 @@
-"""Embedding a dataset with an encoder, in batches, without gradients."""
+"""Embedding datasets and catalog scans with an encoder, in batches, without gradients."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medml.config import PreprocessConfig
+from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.transforms import KEY
 from medml.models.encoder import Encoder
+from medml.workspace import Workspace
 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Embedded:
+    """Embeddings of a set of catalog scans with their class names and ids."""
+
+    emb: np.ndarray
+    labels: np.ndarray
+    scan_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @torch.no_grad()
@@ -35,3 +54,16 @@ def embed_dataset(
     if not embs:
         return np.zeros((0, 0), np.float32), np.zeros(0, int)
     return np.concatenate(embs), np.concatenate(labels)
+
+
+def embed_scans(
+    encoder: Encoder,
+    ws: Workspace,
+    pp: PreprocessConfig,
+    scans: Sequence[dict[str, Any]],
+    batch_size: int,
+) -> Embedded:
+    """Embed catalog scans through the persistent cache."""
+    dataset = cached_dataset(ws, pp, items_from_scans(ws, scans, []))
+    emb, _ = embed_dataset(encoder, dataset, batch_size)
+    return Embedded(emb, np.array([s["label"] for s in scans]), [s["scan_id"] for s in scans])

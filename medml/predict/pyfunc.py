@@ -9,8 +9,6 @@ input could not be read. No input path or other identifying data is echoed back.
 
 from __future__ import annotations
 
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-import medml
 from medml.config import Settings
 from medml.data.transforms import deterministic_chain
 from medml.fewshot.prototypes import UNKNOWN, Prototypes
@@ -150,35 +147,6 @@ class MedmlModel(PythonModel):
         columns = ["scan_id", "predicted_class", "similarity", "margin"]
         columns += [prob_column(c) for c in classes] + ["unknown", "nearest_support", "error"]
         return out[columns], neighbour_idx
-
-
-def log_model(
-    encoder: Encoder, prototypes: Prototypes, settings: Settings, registered_name: str | None = None
-) -> mlflow.models.model.ModelInfo:
-    """Log (and optionally register) the pyfunc under the active run as ``model``."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # An input example would need a real scan; the signature documents the input instead.
-        warnings.filterwarnings("ignore", message=".*input example.*")
-        tmp_path = Path(tmp)
-        torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
-        prototypes.save(tmp_path / "prototypes.npz")
-        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(ENTRY),
-            artifacts={
-                k: str(tmp_path / f)
-                for k, f in (
-                    ("encoder", "encoder.pt"),
-                    ("prototypes", "prototypes.npz"),
-                    ("settings", "settings.yaml"),
-                )
-            },
-            signature=signature(prototypes.classes),
-            registered_model_name=registered_name,
-            metadata={"medml_version": medml.__version__, "classes": prototypes.classes},
-            pip_requirements=[f"medml=={medml.__version__}"],
-        )
 
 
 def load_medml_model(model_uri: str) -> MedmlModel:

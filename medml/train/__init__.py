@@ -1,5 +1,88 @@
-"""Training: metric learning of the encoder on the catalog's train split, tracked in MLflow."""
+"""Training: metric learning of the encoder on the catalog's train split, tracked in MLflow.
 
-from medml.train.loop import TrainResult, ensure_splits, train
+:class:`Trainer` is the loop (usable from a notebook, without MLflow); :func:`train` runs it
+on the catalog's splits inside an MLflow run with the standard hooks.
+"""
 
-__all__ = ["TrainResult", "ensure_splits", "train"]
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from medml.catalog import Catalog
+from medml.config import Settings
+from medml.data.splits import ensure_splits
+from medml.tracking import configure, use_experiment
+from medml.train import checkpoint
+from medml.train.distributed import Dist
+from medml.train.hooks import EarlyStopping, Hook, MLflowLogger
+from medml.train.trainer import FitResult, Trainer
+from medml.workspace import Workspace
+
+EMPTY_CATALOG = "the catalog is empty: run `medml ingest` (or `medml pipeline`) first"
+
+
+def train(
+    settings: Settings,
+    ws: Workspace,
+    progress: bool = True,
+    resume: Path | None = None,
+    run_name: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+    train_scans: Sequence[dict[str, Any]] | None = None,
+    val_scans: Sequence[dict[str, Any]] | None = None,
+    hooks: Sequence[Hook] = (),
+) -> FitResult:
+    """Fit an encoder in an MLflow run; keep the best epoch by validation MAP@R.
+
+    Scans default to the catalog's train and val splits (base classes; splits assigned first
+    where missing). ``resume`` is a ``last.pt`` to continue from (its MLflow run continues
+    too). Returns the run id and the best checkpoint; evaluation and packaging follow as
+    their own steps (``medml.evaluate.evaluate_run``, ``medml.registry.package.package_run``).
+    """
+    dist = Dist.from_env()
+    catalog = Catalog(ws.catalog_url)
+    if dist.main:  # one writer for MLflow and the catalog
+        if not catalog.list_scans(labelled=False):
+            raise ValueError(EMPTY_CATALOG)
+        configure(ws)
+        use_experiment(ws, settings.train.experiment)
+        ensure_splits(catalog, settings.split)
+    dist.barrier()
+    if train_scans is None:
+        train_scans = catalog.list_scans(split="train", class_set="base")
+    if val_scans is None:
+        val_scans = catalog.list_scans(split="val", class_set="base")
+    saved = checkpoint.load(resume) if resume is not None else None
+    run_ctx = (
+        mlflow.start_run(
+            run_id=saved["run_id"] if saved else None, run_name=run_name, nested=nested, tags=tags
+        )
+        if dist.main
+        else contextlib.nullcontext()
+    )
+    # Validate the inputs before a run exists: a refused start leaves no FAILED run behind.
+    trainer = Trainer(settings, ws, train_scans, val_scans, progress=progress, dist=dist)
+    with run_ctx as run:
+        run_id = run.info.run_id if dist.main else ""
+        trainer.checkpoint_dir = ws.checkpoints / (run_id or "rank")
+        trainer.run_id = run_id
+        trainer.hooks = [
+            *([MLflowLogger(resumed=saved is not None)] if dist.main else []),
+            EarlyStopping(settings.train.early_stopping_patience),
+            *hooks,
+        ]
+        trainer.build()
+        if saved is not None:
+            trainer.restore(saved)
+        result = trainer.fit()
+    dist.close()
+    return result
+
+
+__all__ = ["EMPTY_CATALOG", "FitResult", "Hook", "Trainer", "ensure_splits", "train"]

@@ -1,4 +1,4 @@
-"""Log the run's figures to MLflow: embedding map, confusion matrix, retrieval examples."""
+"""Log an evaluated run's figures to MLflow: embedding map, confusion matrix, retrieval examples."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from medml.config import Settings
 from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.transforms import KEY
 from medml.evaluate.figures import confusion, embedding_map, retrieval_examples
-from medml.evaluate.run import Embedded
-from medml.fewshot.prototypes import Prototypes
-from medml.models.encoder import Encoder
+from medml.fewshot.prototypes import build_prototypes
+from medml.models.inference import Embedded
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -31,15 +30,11 @@ def _middle_slices(ws: Workspace, settings: Settings, scan_ids: list[str]) -> np
 
 
 def log_figures(
-    encoder: Encoder,
-    settings: Settings,
-    ws: Workspace,
-    protos: Prototypes,
-    held: Embedded,
-    split: str,
+    settings: Settings, ws: Workspace, train: Embedded, held: Embedded, split: str
 ) -> None:
-    """Figures are a courtesy: a failure is logged, never fatal to the run."""
+    """Into the active run; figures are a courtesy: a failure is logged, never fatal."""
     try:
+        protos = build_prototypes(train.emb, train.labels, settings.prototypes.temperature)
         if len(held) >= 5:
             fig = embedding_map(held.emb, held.labels, f"{split} embeddings (t-SNE)")
             mlflow.log_figure(fig, f"figures/embedding_{split}.png")

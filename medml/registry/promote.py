@@ -10,6 +10,7 @@ from mlflow.exceptions import MlflowException
 
 from medml.fewshot.prototypes import UNKNOWN
 from medml.predict.pyfunc import MedmlModel, load_medml_model
+from medml.registry.register import embed_labelled
 
 
 @dataclass
@@ -25,8 +26,6 @@ class Promotion:
 
 def score(model: MedmlModel, validation: list[tuple[str, str]]) -> dict[str, float]:
     """Accuracy ('unknown' and unreadable count as wrong) and mean NLL of the true class."""
-    from medml.fewshot.register import embed_labelled
-
     emb, labels, _, _ = embed_labelled(model, validation, "validation")
     d = model.prototypes.decide(emb, k=0)
     index = {c: i for i, c in enumerate(model.prototypes.classes)}

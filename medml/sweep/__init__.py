@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from medml.config import Settings
+from medml.evaluate.run import evaluate_run
 from medml.io import atomic_write_text
 from medml.tracking import configure, use_experiment
-from medml.train.loop import train
+from medml.train import train
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -117,15 +118,17 @@ def sweep(
             for i in range(seeds):
                 seed = settings.train.seed + i
                 log.info("sweep: %s, seed %d", loss, seed)
-                result = train(
-                    settings_for(settings, loss, seed),
+                one = settings_for(settings, loss, seed)
+                fitted = train(
+                    one,
                     ws,
                     progress,
                     run_name=f"{loss} seed {seed}",
                     nested=True,
                     tags={"medml.sweep": pid, "medml.loss": loss},
                 )
-                rows.append(_row(loss, seed, result.run_id, result.metrics))
+                metrics = evaluate_run(fitted.run_id, one, ws, fitted.checkpoint)
+                rows.append(_row(loss, seed, fitted.run_id, metrics))
         table = summarise(rows)
         csv_path = ws.reports / f"sweep-{pid}.csv"
         md_path = ws.reports / f"sweep-{pid}.md"

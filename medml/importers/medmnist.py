@@ -7,18 +7,16 @@ own (MedMNIST publishes no patient ids; AdrenalMNIST3D's split is patient-level 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from medml.catalog import Catalog
-from medml.io import atomic_path
+from medml.importers import ImportedScan, store
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -78,35 +76,62 @@ def import_medmnist(
     Scan ids are ``<set><size>-<split>-<index>`` so a re-run replaces the same rows and only
     rewrites volumes whose content changed.
     """
-    npz = Path(npz)
+    name, size, arrays = _load(Path(npz), dataset)
+    classes = INFO[name][1]
+    counts = {
+        split: len(arrays[split][0]) if limit is None else min(limit, len(arrays[split][0]))
+        for split in SPLITS
+    }
+    scans = _scans(arrays, name, size, counts, progress)
+    written = store(ws, scans, f"medmnist-{name}")
+    log.info("imported %s (%d^3): %s, %d volumes written", name, size, counts, written)
+    return ImportResult(name, size, classes, counts, written)
+
+
+def medmnist_scans(npz: str | Path, dataset: str | None = None) -> Iterator[ImportedScan]:
+    """The importer (registered as ``medmnist``): every volume of a MedMNIST 3D ``.npz``."""
+    name, size, arrays = _load(Path(npz), dataset)
+    yield from _scans(arrays, name, size, {s: len(arrays[s][0]) for s in SPLITS})
+
+
+def _scans(
+    arrays: dict, name: str, size: int, counts: dict[str, int], progress: bool = False
+) -> Iterator[ImportedScan]:
+    """Each volume of each split as an :class:`ImportedScan` (1 mm isotropic, identity
+    orientation). Scan ids are ``<set><size>-<split>-<index>``, so a re-run replaces the same
+    rows and rewrites only volumes whose content changed."""
+    modality, classes = INFO[name]
+    short = name.replace("mnist3d", "")
+    for split in SPLITS:
+        images, labels = arrays[split]
+        for i in tqdm(
+            range(counts[split]), desc=f"{name} {split}", unit="vol", disable=not progress
+        ):
+            yield ImportedScan(
+                scan_id=f"{short}{size}-{split}-{i:05d}",
+                data=images[i],
+                affine=np.eye(4),
+                label=classes[int(labels[i][0])],
+                split=split,
+                modality=modality,
+                source_format="medmnist",
+            )
+
+
+def _load(npz: Path, dataset: str | None) -> tuple[str, int, dict]:
+    """The set's name, cube size and ``split -> (images, labels)``, after checking them."""
     name = dataset or dataset_name(npz)
     if name not in INFO:
         raise MedMNISTError(
             f"{npz}: unknown MedMNIST 3D set '{name}' (known: {', '.join(INFO)}); "
             "name the file after its set or pass --dataset"
         )
-    modality, classes = INFO[name]
     try:
         data = np.load(npz)
         arrays = {s: (data[f"{s}_images"], data[f"{s}_labels"]) for s in SPLITS}
     except (OSError, ValueError, KeyError) as exc:
         raise MedMNISTError(f"{npz}: not a MedMNIST .npz ({type(exc).__name__}: {exc})") from exc
-    size = _check(npz, arrays, len(classes))
-
-    ws = ws.ensure()
-    catalog = Catalog(ws.catalog_url)
-    short = name.replace("mnist3d", "")
-    counts, written = {}, 0
-    for split in SPLITS:
-        images, labels = arrays[split]
-        n = len(images) if limit is None else min(limit, len(images))
-        counts[split] = n
-        for i in tqdm(range(n), desc=f"{name} {split}", unit="vol", disable=not progress):
-            scan_id = f"{short}{size}-{split}-{i:05d}"
-            written += _store(catalog, ws, scan_id, images[i], classes[int(labels[i][0])], split,
-                              modality, name)  # fmt: skip
-    log.info("imported %s (%d^3): %s, %d volumes written", name, size, counts, written)
-    return ImportResult(name, size, classes, counts, written)
+    return name, _check(npz, arrays, len(INFO[name][1])), arrays
 
 
 def _check(npz: Path, arrays: dict, n_classes: int) -> int:
@@ -125,46 +150,3 @@ def _check(npz: Path, arrays: dict, n_classes: int) -> int:
     if len(sizes) != 1:
         raise MedMNISTError(f"{npz}: splits differ in size: {sorted(sizes)}")
     return sizes.pop()
-
-
-def _store(
-    catalog: Catalog,
-    ws: Workspace,
-    scan_id: str,
-    volume: np.ndarray,
-    label: str,
-    split: str,
-    modality: str,
-    name: str,
-) -> int:
-    """Write one volume (unless unchanged) and its catalog row; 1 if the file was written."""
-    img = nib.Nifti1Image(np.ascontiguousarray(volume), np.eye(4))  # 1 mm isotropic
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    content_hash = hashlib.sha256(volume.tobytes() + np.eye(4).tobytes()).hexdigest()
-    path = ws.volume_path(scan_id)
-    existing = catalog.get_scan(scan_id)
-    wrote = 0
-    if not (existing and existing["content_hash"] == content_hash and path.exists()):
-        with atomic_path(path, suffix=".nii.gz") as tmp:
-            nib.save(img, tmp)
-        wrote = 1
-    catalog.upsert_scan(
-        {
-            "scan_id": scan_id,
-            "patient_key": scan_id,  # one volume per patient key: no patient ids published
-            "study_key": scan_id,
-            "modality": modality,
-            "shape": ",".join(map(str, volume.shape)),
-            "spacing": "1.0000,1.0000,1.0000",
-            "orientation": "RAS",
-            "source_format": "medmnist",
-            "content_hash": content_hash,
-            "label": label,
-            "class_set": "base",
-            "split": split,
-            "volume": path.relative_to(ws.root).as_posix(),
-            "ingest_run": f"medmnist-{name}"[:32],
-        }
-    )
-    return wrote

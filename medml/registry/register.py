@@ -11,10 +11,14 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
+from medml.catalog import Catalog
+from medml.config import PrototypeConfig
 from medml.fewshot.calibration import calibrate, save_curve_figure
-from medml.fewshot.prototypes import build_prototypes
+from medml.fewshot.prototypes import build_prototypes, select_support
 from medml.ingest.nifti import is_nifti_name
-from medml.predict.pyfunc import MedmlModel, load_medml_model, log_model, thumbnails
+from medml.io import atomic_path
+from medml.predict.pyfunc import MedmlModel, load_medml_model, thumbnails
+from medml.registry.package import log_model
 from medml.tracking import use_experiment
 from medml.workspace import Workspace
 
@@ -138,8 +142,38 @@ def register_prototypes(
 
 def catalog_pairs(workspace: Workspace, split: str) -> list[tuple[str, str]]:
     """``(volume path, label)`` of a catalog split's labelled base-class scans."""
-    from medml.catalog import Catalog
-    from medml.evaluate.run import base_scans
-
-    scans = base_scans(Catalog(workspace.catalog_url), split)
+    scans = Catalog(workspace.catalog_url).list_scans(split, class_set="base")
     return [(str(workspace.root / s["volume"]), s["label"]) for s in scans]
+
+
+def draw_support(ws: Workspace, shots: int, seed: int, out: Path) -> Path:
+    """Write ``shots`` training-split scans per class (seeded) to a support CSV at ``out``."""
+    scans = Catalog(ws.catalog_url).list_scans(split="train")
+    picks = select_support([s["label"] for s in scans], shots, np.random.default_rng(seed))
+    with atomic_path(out, suffix=".csv") as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "scan_id"])
+        for i in picks:
+            s = scans[i]
+            writer.writerow([str(ws.root / s["volume"]), s["label"], s["scan_id"]])
+    return out
+
+
+def register_from_catalog(
+    model_uri: str, cfg: PrototypeConfig, ws: Workspace, support: str | Path | None = None
+) -> tuple[Registered, Path]:
+    """Register ``model_uri`` with prototypes of ``support`` (default: ``cfg.shots`` scans per
+    class drawn from the train split into ``WS/reports/support.csv``) under
+    ``cfg.model_name@cfg.alias``; temperature (and, with ``cfg.target_far``, the 'unknown'
+    threshold) are fitted on the catalog's validation split."""
+    if support is None:
+        support = draw_support(ws, cfg.shots, cfg.seed, ws.reports / "support.csv")
+    reg = register_prototypes(
+        model_uri,
+        read_support(support),
+        cfg.model_name,
+        cfg.alias,
+        validation=catalog_pairs(ws, "val") or None,
+        workspace=ws,
+    )
+    return reg, Path(support)

@@ -1,0 +1,69 @@
+"""Package a trained encoder as the deployable MLflow pyfunc: weights, prototypes, settings.
+
+Loading a packaged model never unpickles anything: the encoder is a state dict read with
+``torch.load(weights_only=True)``, the prototypes an ``.npz`` without pickles, the settings YAML.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+
+import medml
+from medml.catalog import Catalog
+from medml.config import Settings
+from medml.fewshot.prototypes import Prototypes, build_prototypes
+from medml.models.encoder import Encoder, load_encoder
+from medml.models.inference import embed_scans
+from medml.predict.pyfunc import ENTRY, signature
+from medml.workspace import Workspace
+
+
+def log_model(
+    encoder: Encoder, prototypes: Prototypes, settings: Settings, registered_name: str | None = None
+) -> mlflow.models.model.ModelInfo:
+    """Log (and optionally register) the pyfunc under the active run as ``model``."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # An input example would need a real scan; the signature documents the input instead.
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        tmp_path = Path(tmp)
+        torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+        prototypes.save(tmp_path / "prototypes.npz")
+        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ENTRY),
+            artifacts={
+                k: str(tmp_path / f)
+                for k, f in (
+                    ("encoder", "encoder.pt"),
+                    ("prototypes", "prototypes.npz"),
+                    ("settings", "settings.yaml"),
+                )
+            },
+            signature=signature(prototypes.classes),
+            registered_model_name=registered_name,
+            metadata={"medml_version": medml.__version__, "classes": prototypes.classes},
+            pip_requirements=[f"medml=={medml.__version__}"],
+        )
+
+
+def package_run(run_id: str, settings: Settings, ws: Workspace, checkpoint: Path) -> str:
+    """Log a training run's best encoder with prototypes of its training split; the model URI.
+
+    The prototypes are the renormalised means of the train split's base-class embeddings, so
+    the packaged model predicts as the run's nearest-centroid metrics were measured.
+    """
+    encoder = load_encoder(settings.model, checkpoint)
+    scans = Catalog(ws.catalog_url).list_scans("train", class_set="base")
+    train = embed_scans(encoder, ws, settings.preprocess, scans, settings.evaluate.batch_size)
+    pc = settings.prototypes
+    protos = build_prototypes(train.emb, train.labels, pc.temperature, pc.unknown_threshold)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = log_model(encoder, protos, settings)
+    return info.model_uri
