@@ -2,8 +2,10 @@
 
 A step's key hashes four things (see docs/operations.md, "Caching"):
 
-- **code**: the task's own source (Prefect's ``TASK_SOURCE``) and the source files of the
-  library packages the step calls, so editing ``medml/train`` re-trains;
+- **code**: the task's own source (Prefect's ``TASK_SOURCE``) and the source files of every
+  first-party module the library call imports, found by walking the import graph from the
+  call's module (``flows.code_graph``), so editing any file training imports re-trains and no
+  hand-kept list can drift;
 - **config**: only the sections the step reads, so a new ``predict.batch_size`` does not retrain;
 - **data**: fingerprints of what the step reads that its arguments do not show: a source tree's
   file names, sizes and modification times, the catalog's scans, a model version's identity;
@@ -16,17 +18,18 @@ names its key parts with a small function of its parameters.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
+from flows import code_graph
 from medml.catalog import Catalog
 
 
@@ -43,23 +46,19 @@ def digest(*parts: Any) -> str:
 
 
 @lru_cache(maxsize=64)
-def code_fingerprint(*modules: str) -> str:
-    """Hash of the source files of the named modules or packages (sub-packages included)."""
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None:
-            raise ModuleNotFoundError(name)
-        roots = list(spec.submodule_search_locations or [])
-        files = (
-            sorted(p for root in roots for p in Path(root).rglob("*.py"))
-            if roots
-            else [Path(spec.origin or "")]
-        )
-        for path in files:
-            h.update(f"{name}:{path.name}".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
+def code_fingerprint(*entry_modules: str, root: Path | None = None) -> str:
+    """Hash of every first-party module that importing ``entry_modules`` runs.
+
+    Each reached file counts by its package-relative path and bytes, in sorted order; ``root``
+    is a folder holding ``medml/`` and ``flows/`` (default: wherever they import from). Cached
+    per process, like the modules the process has imported.
+    """
+    return code_graph.graph(root).fingerprint(entry_modules)
+
+
+def dependencies(*entry_modules: str, root: Path | None = None) -> list[str]:
+    """The first-party modules (sorted names) whose source is in ``code_fingerprint``."""
+    return code_graph.graph(root).closure(entry_modules)
 
 
 def tree_fingerprint(path: str | Path) -> str:
@@ -116,10 +115,32 @@ def catalog_fingerprint(url: str, with_splits: bool, split: str | None = None) -
 KeyParts = Callable[[dict[str, Any]], Any]
 
 
-def step_cache(key_parts: KeyParts, *modules: str) -> CachePolicy:
-    """Prefect cache policy: task source + library code of ``modules`` + ``key_parts(params)``."""
+@dataclass(kw_only=True)  # after the base's own fields, which have defaults
+class LibraryCodePolicy(CacheKeyFnPolicy):
+    """Key = the code of ``entry_modules``' import closure + ``key_parts(task parameters)``.
 
-    def key(_ctx: Any, params: dict[str, Any]) -> str:
-        return digest(code_fingerprint(*modules), key_parts(params))
+    A key function policy that keeps its entry modules in sight (docs and tests read them).
+    """
 
-    return TASK_SOURCE + CachePolicy.from_cache_key_fn(key)
+    key_parts: KeyParts
+    entry_modules: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self.cache_key_fn = self.key
+
+    def key(self, _ctx: Any, params: dict[str, Any]) -> str:
+        return digest(code_fingerprint(*self.entry_modules), self.key_parts(params))
+
+
+def step_cache(key_parts: KeyParts, *entry_modules: str) -> CachePolicy:
+    """Prefect cache policy: the task's source + the code its library call imports + its data.
+
+    ``entry_modules`` name the module(s) of the function(s) the task calls (``"medml.train"``);
+    what they import is found, not listed.
+    """
+    if not entry_modules:
+        raise ValueError("step_cache needs the module of the library function the task calls")
+    for module in entry_modules:  # a typo fails when the flows load, not at the first run
+        if code_graph.graph().file(module) is None:
+            raise ModuleNotFoundError(f"step_cache: no first-party module {module!r}")
+    return TASK_SOURCE + LibraryCodePolicy(key_parts=key_parts, entry_modules=tuple(entry_modules))

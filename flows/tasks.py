@@ -82,7 +82,7 @@ def synthesize(settings: Settings, workspace: str) -> dict[str, Any]:
             Workspace(Path(p["workspace"])).catalog_url,
         ],
         "medml.ingest",
-        "medml.catalog",
+        "flows.runtime",  # mapped_converter's task runner
     ),
 )
 def ingest_source(
@@ -355,9 +355,8 @@ def discover(inputs: list[str]) -> list[str]:
             [r.get("scan_id") for r in p["rows"]],
             paths_fingerprint(r["path"] for r in p["rows"]),
         ],
-        "medml.predict",
-        "medml.models",
-        "medml.data",
+        "medml.predict.batch",
+        "medml.tracking",
     ),
 )
 def predict_batch(

@@ -55,13 +55,6 @@ def test_tree_fingerprint_sees_new_and_touched_files(tmp_path):
     assert caching.tree_fingerprint(tmp_path / "nope") != caching.tree_fingerprint(tmp_path / "no")
 
 
-def test_code_fingerprint_is_per_package_and_stable():
-    ingest = caching.code_fingerprint("medml.ingest")
-    assert ingest == caching.code_fingerprint("medml.ingest")
-    assert ingest != caching.code_fingerprint("medml.train")
-    assert caching.code_fingerprint("medml.ingest", "medml.catalog") != ingest
-
-
 def test_catalog_fingerprint_splits_only_when_asked(ws_copy):
     url = ws_copy.catalog_url
     without, with_ = (caching.catalog_fingerprint(url, s) for s in (False, True))
