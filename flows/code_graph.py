@@ -7,8 +7,8 @@ instead: from the module(s) of the library function a task calls, through every 
 ``a.b.c`` runs ``a`` and ``a.b`` first). Nothing is imported; the sources are parsed with ``ast``.
 
 The standard library's ``modulefinder`` walks the same graph (the tests use it as the oracle),
-but it compiles every file to bytecode: 90-160 ms for the package on the project's 2-core
-machine, against ~30 ms here (import lines only, see :func:`import_nodes`). The walk is
+but it compiles every file to bytecode: about 5x the time of this walk, which parses only the
+import lines (:func:`import_nodes`; ``bench/code_graph.py``). The walk is
 conservative: an import under ``if TYPE_CHECKING:`` or in a function that never runs still
 counts, since a key that changes too often costs a re-run and one that changes too rarely
 returns a stale result.
