@@ -197,6 +197,17 @@ def train_encoder(settings: Settings, workspace: str) -> dict[str, Any]:
     )
 
 
+@task(name="pretrain", cache_policy=step_cache(_training_key, "medml.train.pretrain"))
+def pretrain_encoder(settings: Settings, workspace: str) -> dict[str, Any]:
+    """Contrastive pretraining on unlabelled scans (medml.train.pretrain.pretrain); its
+    result's ``init_from`` goes into ``model.init_from`` of the training that follows."""
+    from medml.train.pretrain import pretrain
+
+    result = pretrain(settings, _ws(workspace), progress=False)
+    get_run_logger().info("pretrained %s: NT-Xent %s", result.run_id, result.losses[-1:])
+    return {"run_id": result.run_id, "init_from": f"runs:/{result.run_id}", "losses": result.losses}
+
+
 def _run_key(p: dict[str, Any]) -> list[Any]:
     return [p["run"]["run_id"], p["run"]["checkpoint"], _training_key(p)]
 

@@ -270,6 +270,28 @@ def train_cmd(
     _json_line(metrics)
 
 
+@app.command("pretrain")
+def pretrain_cmd(
+    config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None
+) -> None:
+    """Self-supervised pretraining (SimCLR / NT-Xent) of the encoder on every catalog scan
+    outside the test split, labels unused. Then train from it with
+    `--set model.init_from=runs:/RUN_ID` (printed at the end)."""
+    from medml.train.pretrain import pretrain
+
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings)
+    try:
+        result = pretrain(settings, ws)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(
+        f"pretrained encoder: runs:/{result.run_id} (set model.init_from to use it)", err=True
+    )
+    _json_line({"run_id": result.run_id, "init_from": f"runs:/{result.run_id}",
+                "losses": result.losses})  # fmt: skip
+
+
 @app.command("sweep")
 def sweep_cmd(
     losses: Annotated[

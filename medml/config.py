@@ -25,6 +25,7 @@ def _registered(module: str, attr: str):
 Modality = Annotated[str, _registered("medml.data.intensity", "INTENSITY")]
 Backbone = Annotated[str, _registered("medml.models.backbones", "BACKBONES")]
 LossName = Annotated[str, _registered("medml.losses.registry", "LOSSES")]
+RuleName = Annotated[str, _registered("medml.fewshot.rules", "RULES")]
 
 
 class _Strict(BaseModel):
@@ -131,6 +132,15 @@ class ModelConfig(_Strict):
     init_weights: Path | None = Field(
         None, description="local backbone state dict (e.g. MedicalNet), read with weights_only"
     )
+    init_from: str | None = Field(
+        None,
+        description="start from a pretrained encoder: runs:/RUN_ID (of medml pretrain) or a "
+        "local encoder state dict",
+    )
+    tta_flips: list[list[int]] = Field(
+        default_factory=list,
+        description="test-time flips averaged into the embedding, e.g. [[0]]: left-right",
+    )
 
 
 class LossConfig(_Strict):
@@ -181,6 +191,10 @@ class AugmentConfig(_Strict):
     rotate_deg: float = Field(10.0, ge=0)
     scale: float = Field(0.1, ge=0, description="relative zoom range")
     flip_lr: bool = Field(True, description="left-right flips (sound for bilateral findings)")
+    flip_axes: list[int] = Field(
+        default_factory=list,
+        description="other spatial axes (1: A-P, 2: S-I) flipped with probability 0.5 each",
+    )
     noise_std: float = Field(0.02, ge=0)
     intensity_shift: float = Field(0.05, ge=0)
 
@@ -196,6 +210,9 @@ class TrainConfig(_Strict):
     weight_decay: float = 1e-4
     warmup_epochs: int = Field(1, ge=0)
     grad_clip: float = Field(5.0, gt=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="exponential moving average of the weights (e.g. 0.99)"
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a better val MAP@R"
     )
@@ -206,6 +223,24 @@ class TrainConfig(_Strict):
         2048.0, ge=0, description="keep preprocessed volumes in RAM too, up to this (per worker)"
     )
     experiment: str = "medml"
+
+
+class PretrainConfig(_Strict):
+    """Self-supervised contrastive pretraining (``medml pretrain``): SimCLR / NT-Xent."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=2, description="scans per step (2 views each)")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 1e-4
+    temperature: float = Field(0.1, gt=0, description="NT-Xent temperature")
+    seed: int = 0
+    include_test: bool = Field(False, description="also the test split's images (no labels)")
+    augment: AugmentConfig = Field(
+        default_factory=lambda: AugmentConfig(
+            prob=0.8, rotate_deg=15.0, scale=0.15, noise_std=0.03, intensity_shift=0.1
+        ),
+        description="the views' augmentation (stronger than training's)",
+    )
 
 
 class EvaluateConfig(_Strict):
@@ -236,6 +271,20 @@ class PrototypeConfig(_Strict):
         0.05, ge=0, le=1, description="false-accept rate the 'unknown' threshold is fitted for"
     )
     neighbours: int = Field(3, ge=0, description="nearest support scans listed per prediction")
+    rule: str = Field(
+        "centroid",
+        description="decision rule (medml/fewshot/rules.py), or auto: the best of "
+        "rule_candidates on the validation split",
+    )
+    rule_candidates: list[RuleName] = Field(
+        default_factory=lambda: ["centroid", "centroid-prior", "kmeans", "knn", "linear"]
+    )
+
+    @model_validator(mode="after")
+    def _known_rule(self) -> PrototypeConfig:
+        if self.rule != "auto":
+            registry("medml.fewshot.rules", "RULES").check(self.rule)
+        return self
 
 
 class PredictConfig(_Strict):
@@ -298,6 +347,7 @@ class Settings(_Strict):
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     prototypes: PrototypeConfig = PrototypeConfig()
     predict: PredictConfig = PredictConfig()

@@ -43,9 +43,11 @@ def centroid_metrics(
     classes: Sequence[str],
     ordinal: bool,
     temperature: float = 0.1,
+    rule: str = "centroid",
 ) -> dict[str, float]:
-    """Nearest-centroid accuracy, balanced accuracy, macro AUROC (+ quadratic kappa if ordinal)."""
-    protos = build_prototypes(support_emb, support_labels, temperature)
+    """Accuracy, balanced accuracy, macro AUROC (+ quadratic kappa if ordinal) of the decision
+    ``rule`` (nearest centroid by default) with the support set as its prototypes."""
+    protos = build_prototypes(support_emb, support_labels, temperature, rule=rule)
     pred, probs, _ = protos.predict(query_emb)
     truth = list(query_labels)
     out = {

@@ -58,10 +58,10 @@ class BatchAugment:
         theta[:, :, :3] = _rotation(angles) / zoom[:, None, :]
         grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        # Left-right flip: the first spatial axis is R-L after Orientationd("RAS").
-        if cfg.flip_lr:
+        # Flips: the first spatial axis is R-L after Orientationd("RAS"), then A-P, S-I.
+        for axis in ([0] if cfg.flip_lr else []) + [a for a in cfg.flip_axes if a != 0]:
             flip = chosen(0.5).bool().to(dev)
-            x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
+            x = torch.where(flip[:, None, None, None, None], x.flip(axis + 2), x)
         # Gaussian noise, then intensity shift and scale, each with probability ``prob``.
         noise = torch.randn(x.shape, generator=g) * cfg.noise_std
         x = x + (chosen(cfg.prob)[:, None, None, None, None] * noise).to(dev, x.dtype)

@@ -19,6 +19,7 @@ import pandas as pd
 from medml.catalog import Catalog
 from medml.config import EvaluateConfig, PreprocessConfig, Settings
 from medml.evaluate.run_figures import log_figures
+from medml.fewshot.rules import RuleChoice, select_rule
 from medml.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import Embedded, embed_scans
@@ -32,8 +33,14 @@ def evaluate_encoder(
     cfg: EvaluateConfig,
     split: str | None = None,
     keep: dict[str, Embedded] | None = None,
+    rule: str = "centroid",
 ) -> dict[str, Any]:
-    """The contract's metrics for ``split``; pass ``keep={}`` to receive the embeddings too."""
+    """The contract's metrics for ``split``; pass ``keep={}`` to receive the embeddings too.
+
+    ``accuracy``, ``balanced_accuracy`` and ``auroc`` are those of the decision ``rule``
+    (nearest centroid by default) with prototypes from the training split; ``decision_rule``
+    names it.
+    """
     split = split or cfg.split
     catalog = Catalog(ws.catalog_url)
     train = embed_scans(
@@ -46,8 +53,11 @@ def evaluate_encoder(
     index = {c: i for i, c in enumerate(sorted(set(held.labels.tolist()) | set(classes)))}
     out: dict[str, Any] = {"split": split, "n": len(held)}
     out.update(retrieval_metrics(held.emb, [index[c] for c in held.labels]))
+    out["decision_rule"] = rule
     out.update(
-        centroid_metrics(train.emb, train.labels, held.emb, held.labels, classes, cfg.ordinal)
+        centroid_metrics(
+            train.emb, train.labels, held.emb, held.labels, classes, cfg.ordinal, rule=rule
+        )
     )
     episodes = (cfg.ways, cfg.shots, cfg.queries, cfg.episodes, cfg.seed)
     base = fewshot_episodes(train.emb, train.labels, held.emb, held.labels, *episodes)
@@ -88,7 +98,10 @@ def evaluate_run(
     """
     encoder = load_encoder(settings.model, checkpoint)
     embedded: dict[str, Embedded] = {}
-    metrics = evaluate_encoder(encoder, ws, settings.preprocess, settings.evaluate, keep=embedded)
+    rule = choose_rule(encoder, settings, ws)
+    metrics = evaluate_encoder(
+        encoder, ws, settings.preprocess, settings.evaluate, keep=embedded, rule=rule
+    )
     split = metrics["split"]
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         mlflow.log_metrics(flat_metrics(metrics, f"{split}_"))
@@ -109,3 +122,26 @@ def prediction_accuracy(predictions_csv: str | Path, truth: dict[str, str]) -> f
     preds = pd.read_csv(predictions_csv)
     hits = [truth.get(i) == p for i, p in zip(preds.scan_id, preds.predicted_class)]
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def choose_rule(encoder: Encoder, settings: Settings, ws: Workspace) -> str:
+    """``prototypes.rule``, or with ``auto`` the candidate with the best accuracy on the
+    validation split (train-split prototypes): never chosen on the evaluated split."""
+    pc = settings.prototypes
+    if pc.rule != "auto":
+        return pc.rule
+    return select_rule_on_catalog(encoder, settings, ws).name
+
+
+def select_rule_on_catalog(encoder: Encoder, settings: Settings, ws: Workspace) -> RuleChoice:
+    """Each of ``prototypes.rule_candidates`` fitted on the train split and scored on the val
+    split; nearest centroid when the catalog has no validation scans."""
+    catalog, pc = Catalog(ws.catalog_url), settings.prototypes
+    size, pp = settings.evaluate.batch_size, settings.preprocess
+    train = embed_scans(encoder, ws, pp, catalog.list_scans("train", class_set="base"), size)
+    val = embed_scans(encoder, ws, pp, catalog.list_scans("val", class_set="base"), size)
+    if len(val) == 0 or len(set(train.labels.tolist())) < 2:
+        return RuleChoice("centroid", {})
+    return select_rule(
+        train.emb, train.labels, val.emb, val.labels, pc.rule_candidates, pc.temperature
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medml.fewshot.rules import DecisionRule, make_rule, restore_rule
 from medml.io import atomic_path
 
 UNKNOWN = "unknown"
@@ -48,6 +49,7 @@ class Prototypes:
     support_ids: list[str] = field(default_factory=list)
     support_labels: list[str] = field(default_factory=list)
     thumbnails: np.ndarray | None = None  # (S, 3, H, W) float16 middle slices, or None
+    rule: DecisionRule | None = None  # None: nearest centroid with ``temperature``
 
     def similarities(self, emb: np.ndarray) -> np.ndarray:
         """Cosine similarity of each embedding to each prototype, ``(N, C)``."""
@@ -73,12 +75,23 @@ class Prototypes:
         ordered = np.sort(sims, axis=1)
         best = ordered[:, -1]
         margin = best - ordered[:, -2] if sims.shape[1] > 1 else np.full(len(sims), np.inf)
-        names = [self.classes[i] for i in sims.argmax(axis=1)]
+        probs = self.probabilities(sims)
+        if self.rule is not None and self.rule.name != "centroid":
+            probs = self._rule_probabilities(emb)
+        names = [self.classes[i] for i in probs.argmax(axis=1)]
         if self.unknown_threshold is not None:
             names = [UNKNOWN if b < self.unknown_threshold else n for n, b in zip(names, best)]
         idx = self.nearest_support(emb, k)
         neighbours = [[self.support_ids[j] for j in row] for row in idx]
-        return Decision(names, self.probabilities(sims), best, margin, neighbours, idx)
+        return Decision(names, probs, best, margin, neighbours, idx)
+
+    def _rule_probabilities(self, emb: np.ndarray) -> np.ndarray:
+        """The rule's probabilities in this object's class order."""
+        assert self.rule is not None
+        self.rule.temperature = self.temperature  # calibration fits the temperature here
+        probs = self.rule.probabilities(emb)
+        order = [self.rule.classes.index(c) for c in self.classes]
+        return probs[:, order]
 
     def predict(self, emb: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Predicted class names (or 'unknown'), probabilities and best similarity."""
@@ -101,6 +114,11 @@ class Prototypes:
         }
         if self.thumbnails is not None:
             arrays["thumbnails"] = self.thumbnails.astype(np.float16)
+        if self.rule is not None:
+            arrays["rule_name"] = np.array(self.rule.name)
+            arrays["rule_classes"] = np.array(self.rule.classes)
+            arrays["rule_temperature"] = np.array(self.rule.temperature)
+            arrays.update({f"rule__{k}": v for k, v in self.rule.state.items()})
         with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as fh:
             np.savez(fh, **arrays)
 
@@ -110,6 +128,13 @@ class Prototypes:
         with np.load(path, allow_pickle=False) as z:
             thr = float(z["unknown_threshold"])
             has = set(z.files)
+            rule = None
+            if "rule_name" in has:
+                state = {k.removeprefix("rule__"): z[k] for k in z.files if k.startswith("rule__")}
+                rule = restore_rule(
+                    str(z["rule_name"]), [str(c) for c in z["rule_classes"]],
+                    float(z["rule_temperature"]), state,
+                )  # fmt: skip
             return cls(
                 z["vectors"],
                 [str(c) for c in z["classes"]],
@@ -120,6 +145,7 @@ class Prototypes:
                 [str(s) for s in z["support_ids"]] if "support_ids" in has else [],
                 [str(s) for s in z["support_labels"]] if "support_labels" in has else [],
                 z["thumbnails"] if "thumbnails" in has else None,
+                rule,
             )
 
 
@@ -130,10 +156,13 @@ def build_prototypes(
     unknown_threshold: float | None = None,
     scan_ids: Sequence[str] | None = None,
     thumbnails: np.ndarray | None = None,
+    rule: str = "centroid",
 ) -> Prototypes:
     """Centroid per class of L2-normalised embeddings, renormalised to unit length.
 
     With ``scan_ids`` the support embeddings are kept, for the k-nearest-support answer.
+    ``rule`` (a name of :data:`medml.fewshot.rules.RULES`) decides classes and probabilities;
+    the centroids still give the reported similarity and margin.
     """
     emb = _normalise(np.asarray(emb, dtype=np.float32))
     labels = np.asarray(labels)
@@ -152,6 +181,8 @@ def build_prototypes(
         protos.support_ids = [str(s) for s in scan_ids]
         protos.support_labels = [str(v) for v in labels.tolist()]
         protos.thumbnails = thumbnails
+    if rule != "centroid":
+        protos.rule = make_rule(rule, temperature).fit(emb, labels)
     return protos
 
 

@@ -16,10 +16,16 @@ log = logging.getLogger(__name__)
 
 
 class Encoder(nn.Module):
-    """Maps a ``(B, 1, D, H, W)`` volume batch to unit-length embeddings ``(B, E)``."""
+    """Maps a ``(B, 1, D, H, W)`` volume batch to unit-length embeddings ``(B, E)``.
+
+    In eval mode with ``model.tta_flips`` set, the embedding is test-time augmented: the mean
+    of the embeddings of the volume and of each listed flip (spatial axes 0, 1, 2 = R-L, A-P,
+    S-I after RAS orientation), renormalised. Training (train mode) never averages.
+    """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
+        self.tta_flips = [tuple(int(a) + 2 for a in flips) for flips in cfg.tta_flips]
         self.backbone = backbone
         self.head = nn.Sequential(
             nn.Linear(feature_dim, cfg.head_hidden),
@@ -27,8 +33,15 @@ class Encoder(nn.Module):
             nn.Linear(cfg.head_hidden, cfg.embedding_dim),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass, no test-time augmentation."""
         return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.tta_flips:
+            return self.embed(x)
+        views = [self.embed(x)] + [self.embed(x.flip(dims)) for dims in self.tta_flips]
+        return F.normalize(torch.stack(views).mean(dim=0), dim=1)
 
 
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:

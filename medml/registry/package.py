@@ -17,6 +17,7 @@ import yaml
 import medml
 from medml.catalog import Catalog
 from medml.config import Settings
+from medml.evaluate.run import choose_rule
 from medml.fewshot.prototypes import Prototypes, build_prototypes
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import embed_scans
@@ -63,7 +64,10 @@ def package_run(run_id: str, settings: Settings, ws: Workspace, checkpoint: Path
     scans = Catalog(ws.catalog_url).list_scans("train", class_set="base")
     train = embed_scans(encoder, ws, settings.preprocess, scans, settings.evaluate.batch_size)
     pc = settings.prototypes
-    protos = build_prototypes(train.emb, train.labels, pc.temperature, pc.unknown_threshold)
+    rule = choose_rule(encoder, settings, ws)
+    protos = build_prototypes(
+        train.emb, train.labels, pc.temperature, pc.unknown_threshold, rule=rule
+    )
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = log_model(encoder, protos, settings)
     return info.model_uri

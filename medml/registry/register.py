@@ -15,6 +15,7 @@ from medml.catalog import Catalog
 from medml.config import PrototypeConfig
 from medml.fewshot.calibration import calibrate, save_curve_figure
 from medml.fewshot.prototypes import build_prototypes, select_support
+from medml.fewshot.rules import select_rule
 from medml.ingest.nifti import is_nifti_name
 from medml.io import atomic_path
 from medml.predict.pyfunc import MedmlModel, load_medml_model, thumbnails
@@ -101,12 +102,20 @@ def register_prototypes(
     if workspace is not None:
         use_experiment(workspace, model.settings.train.experiment)
     emb, labels, ids, thumbs = embed_labelled(model, support, "support", thumbs=True)
-    protos = build_prototypes(
-        emb, labels, pcfg.temperature, pcfg.unknown_threshold, scan_ids=ids, thumbnails=thumbs
-    )
-    cal = None
+    v_emb, v_labels = None, None
     if validation:
         v_emb, v_labels, _, _ = embed_labelled(model, validation, "validation")
+    rule = pcfg.rule
+    if rule == "auto":  # chosen on the validation scans, never on the support set itself
+        rule = "centroid"
+        if v_emb is not None and set(v_labels) <= set(labels):
+            rule = select_rule(emb, labels, v_emb, v_labels, pcfg.rule_candidates).name
+    protos = build_prototypes(
+        emb, labels, pcfg.temperature, pcfg.unknown_threshold, scan_ids=ids, thumbnails=thumbs,
+        rule=rule,
+    )  # fmt: skip
+    cal = None
+    if validation:
         far = target_far if target_far is not None else pcfg.target_far
         protos, cal = calibrate(protos, v_emb, v_labels, far)
     if temperature is not None:
@@ -120,6 +129,7 @@ def register_prototypes(
                 "support_size": len(support),
                 "validation_size": len(validation or []),
                 "classes": ",".join(protos.classes),
+                "decision_rule": rule,
                 "temperature": protos.temperature,
                 "unknown_threshold": protos.unknown_threshold,
             }

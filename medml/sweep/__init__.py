@@ -51,7 +51,15 @@ def settings_for(settings: Settings, loss: str, seed: int) -> Settings:
     the sweep runs the configured loss itself."""
     loss_cfg = settings.loss.model_copy(update={"name": loss})
     if loss != settings.loss.name:
-        loss_cfg = loss_cfg.model_copy(update={"margin": None, "scale": None})
+        loss_cfg = loss_cfg.model_copy(
+            update={
+                "margin": None,
+                "scale": None,
+                "temperature": None,
+                "miner": None,
+                "options": {},
+            }
+        )
     return settings.model_copy(
         update={"loss": loss_cfg, "train": settings.train.model_copy(update={"seed": seed})}
     )

@@ -19,7 +19,7 @@ from medml.data.splits import ensure_splits
 from medml.tracking import configure, use_experiment
 from medml.train import checkpoint
 from medml.train.distributed import Dist
-from medml.train.hooks import EarlyStopping, Hook, MLflowLogger
+from medml.train.hooks import EarlyStopping, Hook, MLflowLogger, WeightAveraging
 from medml.train.trainer import FitResult, Trainer
 from medml.workspace import Workspace
 
@@ -75,6 +75,7 @@ def train(
         trainer.hooks = [
             *([MLflowLogger(resumed=saved is not None)] if dist.main else []),
             EarlyStopping(settings.train.early_stopping_patience),
+            *([WeightAveraging(settings.train.ema_decay)] if settings.train.ema_decay else []),
             *hooks,
         ]
         trainer.build()

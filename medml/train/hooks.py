@@ -30,6 +30,9 @@ class Hook:
     def on_fit_start(self, trainer: Trainer) -> None:
         """After :meth:`Trainer.build` (and a resume), before the first epoch."""
 
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After each optimiser step (rank 0)."""
+
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """After training and validating ``epoch``; set ``trainer.should_stop`` to stop."""
 
@@ -38,6 +41,39 @@ class Hook:
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         """After the last epoch; ``result.checkpoint`` holds the best encoder."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resume needs of this hook (saved in ``last.pt``); None: nothing."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called after ``on_fit_start``)."""
+
+
+class WeightAveraging(Hook):
+    """An exponential moving average of the encoder's weights (and BatchNorm statistics),
+    updated after every step; validation, the best checkpoint and so the packaged model use
+    the average (``torch.optim.swa_utils``)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(
+            trainer.encoder, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
+        )
+        trainer.eval_encoder = self.ema.module
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.ema.update_parameters(trainer.encoder)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state)
 
 
 class EarlyStopping(Hook):

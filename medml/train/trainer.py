@@ -39,6 +39,7 @@ from medml.models.inference import device, embed_scans
 from medml.train import checkpoint
 from medml.train.distributed import Dist
 from medml.train.hooks import Hook
+from medml.train.pretrain import load_initial_weights
 from medml.train.schedule import warmup_cosine
 from medml.workspace import Workspace
 
@@ -113,6 +114,7 @@ class Trainer:
         self.should_stop = False
         self.run_id = ""
         self.history: list[dict[str, float]] = []
+        self._hook_states: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------- build
 
@@ -133,6 +135,8 @@ class Trainer:
         )
         seed_everything(tc.seed)
         self.encoder = build_encoder(self.settings.model)
+        if self.settings.model.init_from:
+            load_initial_weights(self.encoder, self.settings.model.init_from)
         bundle = build_loss(
             self.settings.loss, len(self.classes), self.settings.model.embedding_dim
         )
@@ -146,6 +150,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp)
         self.step_model = DistributedDataParallel(self.model) if self.dist.enabled else self.model
         self.augment = BatchAugment(self.settings.augment)
+        self.eval_encoder = self.encoder  # what validation and best.pt use (hooks may swap it)
         return self
 
     @property
@@ -160,6 +165,7 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         self.progress = checkpoint.Progress(**saved["progress"])
         self.run_id = saved["run_id"]
+        self._hook_states = saved.get("hooks", {})
         log.info("resuming run %s after epoch %d", self.run_id, self.progress.epoch)
 
     # ------------------------------------------------------------------------------- steps
@@ -179,6 +185,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.dist.main:
+            for hook in self.hooks:
+                hook.on_step_end(self)
         return float(loss.detach())
 
     def train_epoch(self, epoch: int, seed: int) -> dict[str, float]:
@@ -207,7 +216,7 @@ class Trainer:
         if not self.val_scans:
             return {}
         val = embed_scans(
-            self.encoder, self.ws, self.settings.preprocess, self.val_scans,
+            self.eval_encoder, self.ws, self.settings.preprocess, self.val_scans,
             self.settings.evaluate.batch_size,
         )  # fmt: skip
         index = {c: i for i, c in enumerate(sorted(set(val.labels.tolist()) | set(self.classes)))}
@@ -221,6 +230,10 @@ class Trainer:
         if self.dist.main:
             for hook in self.hooks:
                 hook.on_fit_start(self)
+            for hook in self.hooks:  # a resumed run's hook states (weight averages, ...)
+                state = self._hook_states.get(type(hook).__name__)
+                if state is not None:
+                    hook.load_state_dict(state)
         for epoch in range(self.progress.epoch + 1, self.settings.train.epochs + 1):
             epoch_seed = self.settings.train.seed * 1000 + epoch * 10 + self.dist.rank
             seed_everything(epoch_seed)
@@ -263,7 +276,7 @@ class Trainer:
 
     def _save_best(self) -> None:
         path = self.checkpoint_dir / "best.pt"
-        checkpoint.save(path, self.encoder.state_dict())
+        checkpoint.save(path, self.eval_encoder.state_dict())
         for hook in self.hooks:
             hook.on_checkpoint(self, path, best=True)
 
@@ -274,6 +287,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "hooks": {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None},
         }
         checkpoint.save_last(path, self.run_id, self.progress, states)
         for hook in self.hooks:
