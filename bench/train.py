@@ -17,35 +17,28 @@ import tempfile
 from pathlib import Path
 
 import torch
-from medml.train.loop import MetricModel, _train_epoch, ensure_splits
 from monai.data import Dataset
 from torch.utils.data import DataLoader
 
 from medml.catalog import Catalog
 from medml.config import load_settings
 from medml.data.dataset import cached_dataset, items_from_scans
-from medml.data.sampler import balanced_sampler
+from medml.data.splits import ensure_splits
 from medml.data.transforms import deterministic_chain
 from medml.ingest import ingest
-from medml.losses import build_loss
-from medml.models.encoder import build_encoder
 from medml.models.inference import device
 from medml.synth import generate
-from medml.train.schedule import warmup_cosine
+from medml.train.trainer import Trainer
 from medml.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _loop_rate(model, batches, settings, epochs: int) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = warmup_cosine(opt, 1, 10_000)
-    scaler = torch.amp.GradScaler(device().type, enabled=device().type == "cuda")
-    _train_epoch(model, batches, opt, sched, scaler, settings, False, 0)  # warm-up
-    rates = [
-        _train_epoch(model, batches, opt, sched, scaler, settings, False, e)[1]
-        for e in range(epochs)
-    ]
+def _loop_rate(trainer: Trainer, batches, epochs: int) -> float:
+    """Median volumes/s of the Trainer's own epochs over ``batches`` (after one warm-up)."""
+    trainer.loader = batches
+    trainer.train_epoch(0, 0)
+    rates = [trainer.train_epoch(e, e)["volumes_per_s"] for e in range(1, epochs + 1)]
     return sorted(rates)[len(rates) // 2]
 
 
@@ -72,10 +65,9 @@ def main() -> None:
         raw = generate(settings.synth, Path(tmp) / "raw", progress=False)
         ingest(raw.out, ws, raw.labels_csv, settings.ingest, progress=False)
         scans = ensure_splits(Catalog(ws.catalog_url), settings.split)
-        classes = sorted({s["label"] for s in scans})
-        items = items_from_scans(ws, scans, classes)
-        labels = [it["label"] for it in items]
-        sampler = balanced_sampler(labels, settings.train.m_per_class, settings.train.batch_size)
+        trainer = Trainer(settings, ws, scans, progress=False).build()
+        sampler = trainer.loader.sampler
+        items = items_from_scans(ws, scans, trainer.classes)
 
         def loader(dataset):
             return DataLoader(
@@ -90,16 +82,10 @@ def main() -> None:
         for i in range(len(cached)):  # fill the cache: the steady state from epoch 2 on
             cached[i]
         uncached = Dataset(items, deterministic_chain(settings.preprocess))
-        torch.manual_seed(0)
-        model = MetricModel(
-            build_encoder(settings.model),
-            build_loss(settings.loss, len(classes), settings.model.embedding_dim),
-        )
-        model.to(device())
         in_memory = list(loader(cached))
-        model_only = _loop_rate(model, in_memory, settings, args.epochs)
-        with_cache = _loop_rate(model, loader(cached), settings, args.epochs)
-        without_cache = _loop_rate(model, loader(uncached), settings, args.epochs)
+        model_only = _loop_rate(trainer, in_memory, args.epochs)
+        with_cache = _loop_rate(trainer, loader(cached), args.epochs)
+        without_cache = _loop_rate(trainer, loader(uncached), args.epochs)
 
     amp = device().type == "cuda" and settings.train.amp
     print(

@@ -137,6 +137,9 @@ class ModelConfig(_Strict):
         description="start from a pretrained encoder: runs:/RUN_ID (of medml pretrain) or a "
         "local encoder state dict",
     )
+    ensemble: int = Field(
+        1, ge=1, description="encoders concatenated into one model (train.folds trains them)"
+    )
     tta_flips: list[list[int]] = Field(
         default_factory=list,
         description="test-time flips averaged into the embedding, e.g. [[0]]: left-right",
@@ -210,6 +213,12 @@ class TrainConfig(_Strict):
     weight_decay: float = 1e-4
     warmup_epochs: int = Field(1, ge=0)
     grad_clip: float = Field(5.0, gt=0)
+    folds: int = Field(
+        1,
+        ge=1,
+        description=">1: one model per cross-validation fold of train+val, packaged "
+        "as their ensemble (model.ensemble follows)",
+    )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="exponential moving average of the weights (e.g. 0.99)"
     )
@@ -352,6 +361,22 @@ class Settings(_Strict):
     prototypes: PrototypeConfig = PrototypeConfig()
     predict: PredictConfig = PredictConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _fold_ensemble(self) -> Settings:
+        """``train.folds`` models are packaged as one ensemble of that many encoders."""
+        if self.train.folds > 1 and self.model.ensemble != self.train.folds:
+            self.model = self.model.model_copy(update={"ensemble": self.train.folds})
+        return self
+
+    def single_model(self) -> Settings:
+        """These settings for one member of a fold ensemble (one encoder, no folds)."""
+        return self.model_copy(
+            update={
+                "model": self.model.model_copy(update={"ensemble": 1}),
+                "train": self.train.model_copy(update={"folds": 1}),
+            }
+        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -72,3 +72,44 @@ def test_pretraining_lowers_its_loss_and_training_can_start_from_it(
     assert loaded == len(fresh.state_dict())
     saved = torch.load(result.checkpoint, weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+
+
+def test_fold_ensemble_embedding_concatenates_members_and_averages_their_similarities():
+    from medml.models.encoder import EnsembleEncoder
+
+    torch.manual_seed(0)
+    members = [build_encoder(ModelConfig(**TINY)).eval() for _ in range(3)]
+    ens = EnsembleEncoder(members).eval()
+    x = torch.randn(4, 1, 16, 16, 16)
+    with torch.no_grad():
+        e = ens(x)
+        parts = [m(x) for m in members]
+    assert e.shape == (4, 3 * TINY["embedding_dim"])
+    assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)
+    mean_sim = torch.stack([p[0] @ p[1] for p in parts]).mean()
+    assert torch.allclose(e[0] @ e[1], mean_sim, atol=1e-5)
+
+
+def test_train_folds_packs_one_model_per_fold(tmp_path, ingested, tiny_settings):
+    from medml.catalog import Catalog
+    from medml.config import load_settings
+    from medml.data.splits import ensure_splits, patient_folds
+    from medml.models.encoder import EnsembleEncoder, load_encoder
+    from medml.train import train
+
+    shutil.copytree(ingested.root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "mlflow.db").unlink(missing_ok=True)
+    settings = load_settings(None, []).model_validate(
+        {**tiny_settings.model_dump(), "train": {**tiny_settings.train.model_dump(), "folds": 2,
+                                                 "epochs": 1}}
+    )  # fmt: skip
+    assert settings.model.ensemble == 2  # follows train.folds
+    ensure_splits(Catalog(ws.catalog_url), settings.split)
+    pool = [s for sp in ("train", "val") for s in Catalog(ws.catalog_url).list_scans(sp)]
+    assert len(pool) >= 4
+    for fit, held in patient_folds(pool, 2):
+        assert not {s["patient_key"] for s in fit} & {s["patient_key"] for s in held}
+    result = train(settings, ws, progress=False)
+    encoder = load_encoder(settings.model, result.checkpoint)
+    assert isinstance(encoder, EnsembleEncoder) and len(encoder.members) == 2

@@ -57,3 +57,20 @@ def ensure_splits(catalog: Catalog, cfg: SplitConfig) -> list[dict[str, Any]]:
         catalog.set_splits(assign_splits(scans, cfg))
         scans = catalog.list_scans()
     return scans
+
+
+def patient_folds(
+    scans: Sequence[dict[str, Any]], k: int, seed: int = 0
+) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """``k`` (train, held-out) pairs: patient-grouped, class-stratified folds of ``scans``
+    (scikit-learn's StratifiedGroupKFold over content-ordered scans, seeded)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    ordered = sorted(scans, key=_content_order)
+    labels = [str(s["label"]) for s in ordered]
+    groups = [s["patient_key"] for s in ordered]
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [
+        ([ordered[i] for i in fit], [ordered[i] for i in held])
+        for fit, held in cv.split(ordered, labels, groups)
+    ]

@@ -44,6 +44,20 @@ class Encoder(nn.Module):
         return F.normalize(torch.stack(views).mean(dim=0), dim=1)
 
 
+class EnsembleEncoder(nn.Module):
+    """K encoders (e.g. the models of K cross-validation folds) as one: the concatenation of
+    their unit embeddings, divided by sqrt(K), is again unit length, so cosine similarity of
+    ensemble embeddings is the mean of the members' similarities (the Reality Check's fold
+    ensemble)."""
+
+    def __init__(self, members: list[Encoder]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=1) / len(self.members) ** 0.5
+
+
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     """Load a local state dict into the backbone (never unpickles: ``weights_only=True``).
 
@@ -61,8 +75,12 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     log.info("loaded %d/%d backbone tensors from %s", len(usable), len(own), path)
 
 
-def build_encoder(cfg: ModelConfig) -> Encoder:
-    """Build the configured backbone without its classifier, and the head on top."""
+def build_encoder(cfg: ModelConfig) -> Encoder | EnsembleEncoder:
+    """Build the configured backbone without its classifier, and the head on top (with
+    ``model.ensemble`` > 1: that many of them, as one :class:`EnsembleEncoder`)."""
+    if cfg.ensemble > 1:
+        single = cfg.model_copy(update={"ensemble": 1})
+        return EnsembleEncoder([build_encoder(single) for _ in range(cfg.ensemble)])
     backbone = BACKBONES[cfg.backbone].build(cfg)
     if cfg.init_weights is not None:
         load_backbone_weights(backbone, Path(cfg.init_weights))
@@ -73,7 +91,7 @@ def build_encoder(cfg: ModelConfig) -> Encoder:
     return Encoder(backbone, feature_dim, cfg)
 
 
-def load_encoder(cfg: ModelConfig, state_path: Path) -> Encoder:
+def load_encoder(cfg: ModelConfig, state_path: Path) -> Encoder | EnsembleEncoder:
     """The configured encoder with weights from a state dict file (``weights_only=True``)."""
     encoder = build_encoder(cfg.model_copy(update={"init_weights": None}))  # trained weights win
     encoder.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))

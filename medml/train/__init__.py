@@ -15,7 +15,7 @@ import mlflow
 
 from medml.catalog import Catalog
 from medml.config import Settings
-from medml.data.splits import ensure_splits
+from medml.data.splits import ensure_splits, patient_folds
 from medml.tracking import configure, use_experiment
 from medml.train import checkpoint
 from medml.train.distributed import Dist
@@ -45,6 +45,8 @@ def train(
     too). Returns the run id and the best checkpoint; evaluation and packaging follow as
     their own steps (``medml.evaluate.evaluate_run``, ``medml.registry.package.package_run``).
     """
+    if settings.train.folds > 1:
+        return train_folds(settings, ws, progress, run_name=run_name, nested=nested, tags=tags)
     dist = Dist.from_env()
     catalog = Catalog(ws.catalog_url)
     if dist.main:  # one writer for MLflow and the catalog
@@ -86,4 +88,56 @@ def train(
     return result
 
 
-__all__ = ["EMPTY_CATALOG", "FitResult", "Hook", "Trainer", "ensure_splits", "train"]
+def train_folds(
+    settings: Settings,
+    ws: Workspace,
+    progress: bool = True,
+    run_name: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+) -> FitResult:
+    """One model per patient-grouped, stratified fold of train+val (each choosing its epoch
+    on its held-out fold), as nested runs of one MLflow run whose checkpoint is their
+    :class:`~medml.models.encoder.EnsembleEncoder` (``model.ensemble`` = ``train.folds``).
+
+    The test split stays untouched; the reported ``best_score`` is the members' mean
+    held-out MAP@R.
+    """
+    k, member = settings.train.folds, settings.single_model()
+    catalog = Catalog(ws.catalog_url)
+    if not catalog.list_scans(labelled=False):
+        raise ValueError(EMPTY_CATALOG)
+    configure(ws)
+    use_experiment(ws, settings.train.experiment)
+    ensure_splits(catalog, settings.split)
+    pool = catalog.list_scans("train", class_set="base") + catalog.list_scans(
+        "val", class_set="base"
+    )
+    folds = patient_folds(pool, k, settings.split.seed)
+    with mlflow.start_run(
+        run_name=run_name or f"{k}-fold ensemble", nested=nested, tags=tags
+    ) as run:
+        mlflow.log_params({"train.folds": k, "n_train_val": len(pool)})
+        fits = [
+            train(member, ws, progress, run_name=f"fold {i + 1}/{k}", nested=True,
+                  tags={"medml.fold": str(i + 1), "medml.ensemble": run.info.run_id},
+                  train_scans=fit, val_scans=held)
+            for i, (fit, held) in enumerate(folds)
+        ]  # fmt: skip
+        state = {
+            f"members.{i}.{name}": tensor
+            for i, f in enumerate(fits)
+            for name, tensor in checkpoint.load(f.checkpoint).items()
+        }
+        path = ws.checkpoints / run.info.run_id / "best.pt"
+        checkpoint.save(path, state)
+        score = float(sum(f.best_score for f in fits) / k)
+        mlflow.log_metrics({"best_val_mean_average_precision_at_r": score})
+        mlflow.log_artifact(str(path), artifact_path="checkpoints")
+    return FitResult(
+        run.info.run_id, path, max(f.best_epoch for f in fits), score,
+        max(f.epochs_run for f in fits), fits[0].classes,
+    )  # fmt: skip
+
+
+__all__ = ["EMPTY_CATALOG", "FitResult", "Hook", "Trainer", "ensure_splits", "train", "train_folds"]

@@ -1,0 +1,210 @@
+"""Label efficiency: test accuracy and AUROC against labelled patients per class.
+
+For each budget (patients per class drawn from the train split, seeded; ``all`` = the whole
+split), each loss, with and without contrastive pretraining (``medml pretrain`` on every
+non-test scan, labels unused) and each seed, train with the validation split choosing the
+epoch and report the test metrics once. Writes ``label_efficiency.csv``, a markdown table
+(mean +- 95 % CI over seeds) and a PNG of both curves.
+
+    .venv/bin/python bench/label_efficiency.py --config configs/adrenalmnist3d.yaml \
+        --workspace workspace-adrenal --budgets 5,10,25,50,all --seeds 3 --out docs/
+
+For classes never trained on (synthetic CT with ``--novel``), ``--novel`` instead reports
+N-way K-shot episode accuracy on the novel classes for K in ``--shots`` (1,5,10), training on
+the base classes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medml.catalog import Catalog
+from medml.config import load_settings
+from medml.data.splits import ensure_splits
+from medml.evaluate.run import evaluate_run
+from medml.metrics import fewshot_episodes
+from medml.models.encoder import load_encoder
+from medml.models.inference import embed_scans
+from medml.train import train
+from medml.train.pretrain import pretrain
+from medml.workspace import Workspace
+
+
+def subsample(scans: list[dict], per_class: int | None, seed: int) -> list[dict]:
+    """``per_class`` patients of each class (all their scans); None: every scan."""
+    if per_class is None:
+        return scans
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in sorted({s["label"] for s in scans}):
+        patients = sorted({s["patient_key"] for s in scans if s["label"] == label})
+        keep = set(rng.choice(patients, size=min(per_class, len(patients)), replace=False))
+        out += [s for s in scans if s["label"] == label and s["patient_key"] in keep]
+    return out
+
+
+def ci95(values: list[float]) -> float:
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    return float(1.96 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def run_budgets(args, settings, ws: Workspace) -> pd.DataFrame:
+    catalog = Catalog(ws.catalog_url)
+    ensure_splits(catalog, settings.split)
+    train_all = catalog.list_scans("train", class_set="base")
+    rows = []
+    for seed in range(args.seeds):
+        init = None
+        if args.pretrain:
+            s = settings.model_copy(
+                update={"pretrain": settings.pretrain.model_copy(update={"seed": seed})}
+            )
+            init = f"runs:/{pretrain(s, ws, progress=False).run_id}"
+        for budget in args.budgets.split(","):
+            per_class = None if budget == "all" else int(budget)
+            scans = subsample(train_all, per_class, seed)
+            for loss in args.losses.split(","):
+                for pre in [None, init] if init else [None]:
+                    one = settings.model_copy(
+                        update={
+                            "loss": settings.loss.model_copy(
+                                update={"name": loss, "margin": None, "scale": None,
+                                        "miner": None, "options": {}}
+                            ),
+                            "model": settings.model.model_copy(update={"init_from": pre}),
+                            "train": settings.train.model_copy(update={"seed": seed}),
+                        }
+                    )  # fmt: skip
+                    fit = train(one, ws, progress=False, train_scans=scans,
+                                run_name=f"{loss} · {budget}/class · seed {seed}")  # fmt: skip
+                    m = evaluate_run(fit.run_id, one, ws, fit.checkpoint, figures=False)
+                    rows.append(
+                        {"budget": budget, "loss": loss, "pretrained": pre is not None,
+                         "seed": seed, "accuracy": m["accuracy"], "auroc": m["auroc"]}
+                    )  # fmt: skip
+                    print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def run_novel(args, settings, ws: Workspace) -> pd.DataFrame:
+    """Train on base classes, then K-shot episodes on the novel classes (never trained on)."""
+    catalog = Catalog(ws.catalog_url)
+    ensure_splits(catalog, settings.split)
+    novel = catalog.list_scans(class_set="novel")
+    rows = []
+    for seed in range(args.seeds):
+        for loss in args.losses.split(","):
+            one = settings.model_copy(
+                update={
+                    "loss": settings.loss.model_copy(
+                        update={"name": loss, "margin": None, "scale": None, "miner": None}
+                    ),
+                    "train": settings.train.model_copy(update={"seed": seed}),
+                }
+            )
+            fit = train(one, ws, progress=False, run_name=f"{loss} · novel · seed {seed}")
+            enc = load_encoder(one.model, fit.checkpoint)
+            emb = embed_scans(enc, ws, one.preprocess, novel, one.evaluate.batch_size)
+            for shots in (int(k) for k in args.shots.split(",")):
+                e = one.evaluate
+                fs = fewshot_episodes(emb.emb, emb.labels, emb.emb, emb.labels, e.ways, shots,
+                                      e.queries, e.episodes, seed)  # fmt: skip
+                rows.append({"loss": loss, "shots": shots, "ways": fs["ways"], "seed": seed,
+                             "accuracy": fs["accuracy"]})  # fmt: skip
+                print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def summarise(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    agg = []
+    for key, g in frame.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        for m in metrics:
+            row[m] = float(g[m].mean())
+            row[f"{m}_ci95"] = ci95(g[m].tolist())
+        row["seeds"] = len(g)
+        agg.append(row)
+    return pd.DataFrame(agg)
+
+
+def markdown(summary: pd.DataFrame) -> str:
+    """The summary as a markdown table: ``mean ± CI`` per metric."""
+    keys = [c for c in summary.columns if c not in ("seeds",) and not c.endswith("_ci95")]
+    metrics = [c for c in keys if f"{c}_ci95" in summary.columns]
+    head = [c for c in keys if c not in metrics] + metrics + ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        cells = [str(r[c]) for c in head if c not in metrics and c != "seeds"]
+        cells += [f"{r[m]:.3f} ± {r[m + '_ci95']:.3f}" for m in metrics] + [str(r["seeds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    order = list(dict.fromkeys(summary["budget"]))
+    xs = np.arange(len(order))
+    for (loss, pre), g in summary.groupby(["loss", "pretrained"], sort=False):
+        g = g.set_index("budget").reindex(order)
+        for ax, m in zip(axes, ("accuracy", "auroc")):
+            name = f"{loss} + pretrain" if pre else loss
+            style = "--" if pre else "-"
+            ax.errorbar(xs, g[m], yerr=g[f"{m}_ci95"], marker="o", capsize=3, linestyle=style,
+                        label=name)  # fmt: skip
+    for ax, m in zip(axes, ("test accuracy", "test AUROC")):
+        ax.set_xticks(xs, order)
+        ax.set_xlabel("labelled patients per class")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--budgets", default="5,10,25,50,all")
+    parser.add_argument("--losses", default="softmax,triplet,arcface,adacos")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrain", action="store_true", help="also with pretraining")
+    parser.add_argument("--novel", action="store_true", help="novel-class K-shot episodes")
+    parser.add_argument("--shots", default="1,5,10")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.config, args.overrides)
+    ws = Workspace.resolve(args.workspace)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.novel:
+        frame = run_novel(args, settings, ws)
+        summary = summarise(frame, ["loss", "shots"], ["accuracy"])
+        stem = "novel_shots"
+    else:
+        frame = run_budgets(args, settings, ws)
+        summary = summarise(frame, ["budget", "loss", "pretrained"], ["accuracy", "auroc"])
+        plot(summary, out / "label_efficiency.png")
+        stem = "label_efficiency"
+    frame.to_csv(out / f"{stem}_runs.csv", index=False)
+    summary.to_csv(out / f"{stem}.csv", index=False)
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()
