@@ -288,6 +288,9 @@ class PrototypeConfig(_Strict):
     rule_candidates: list[RuleName] = Field(
         default_factory=lambda: ["centroid", "centroid-prior", "kmeans", "knn", "linear"]
     )
+    rule_options: dict[str, float] = Field(
+        default_factory=dict, description="knn: k; kmeans: per_class; linear: C"
+    )
 
     @model_validator(mode="after")
     def _known_rule(self) -> PrototypeConfig:

@@ -44,10 +44,13 @@ def centroid_metrics(
     ordinal: bool,
     temperature: float = 0.1,
     rule: str = "centroid",
+    rule_options: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro AUROC (+ quadratic kappa if ordinal) of the decision
     ``rule`` (nearest centroid by default) with the support set as its prototypes."""
-    protos = build_prototypes(support_emb, support_labels, temperature, rule=rule)
+    protos = build_prototypes(
+        support_emb, support_labels, temperature, rule=rule, rule_options=rule_options
+    )
     pred, probs, _ = protos.predict(query_emb)
     truth = list(query_labels)
     out = {

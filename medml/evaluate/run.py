@@ -34,6 +34,8 @@ def evaluate_encoder(
     split: str | None = None,
     keep: dict[str, Embedded] | None = None,
     rule: str = "centroid",
+    rule_options: dict[str, float] | None = None,
+    temperature: float = 0.1,
 ) -> dict[str, Any]:
     """The contract's metrics for ``split``; pass ``keep={}`` to receive the embeddings too.
 
@@ -56,8 +58,16 @@ def evaluate_encoder(
     out["decision_rule"] = rule
     out.update(
         centroid_metrics(
-            train.emb, train.labels, held.emb, held.labels, classes, cfg.ordinal, rule=rule
-        )
+            train.emb,
+            train.labels,
+            held.emb,
+            held.labels,
+            classes,
+            cfg.ordinal,
+            temperature,
+            rule,
+            rule_options,
+        )  # fmt: skip
     )
     episodes = (cfg.ways, cfg.shots, cfg.queries, cfg.episodes, cfg.seed)
     base = fewshot_episodes(train.emb, train.labels, held.emb, held.labels, *episodes)
@@ -99,9 +109,11 @@ def evaluate_run(
     encoder = load_encoder(settings.model, checkpoint)
     embedded: dict[str, Embedded] = {}
     rule = choose_rule(encoder, settings, ws)
+    pc = settings.prototypes
     metrics = evaluate_encoder(
-        encoder, ws, settings.preprocess, settings.evaluate, keep=embedded, rule=rule
-    )
+        encoder, ws, settings.preprocess, settings.evaluate, keep=embedded, rule=rule,
+        rule_options=pc.rule_options, temperature=pc.temperature,
+    )  # fmt: skip
     split = metrics["split"]
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         mlflow.log_metrics(flat_metrics(metrics, f"{split}_"))
@@ -143,5 +155,6 @@ def select_rule_on_catalog(encoder: Encoder, settings: Settings, ws: Workspace) 
     if len(val) == 0 or len(set(train.labels.tolist())) < 2:
         return RuleChoice("centroid", {})
     return select_rule(
-        train.emb, train.labels, val.emb, val.labels, pc.rule_candidates, pc.temperature
-    )
+        train.emb, train.labels, val.emb, val.labels, pc.rule_candidates, pc.temperature,
+        pc.rule_options,
+    )  # fmt: skip

@@ -157,6 +157,7 @@ def build_prototypes(
     scan_ids: Sequence[str] | None = None,
     thumbnails: np.ndarray | None = None,
     rule: str = "centroid",
+    rule_options: dict[str, float] | None = None,
 ) -> Prototypes:
     """Centroid per class of L2-normalised embeddings, renormalised to unit length.
 
@@ -182,7 +183,7 @@ def build_prototypes(
         protos.support_labels = [str(v) for v in labels.tolist()]
         protos.thumbnails = thumbnails
     if rule != "centroid":
-        protos.rule = make_rule(rule, temperature).fit(emb, labels)
+        protos.rule = make_rule(rule, temperature, **(rule_options or {})).fit(emb, labels)
     return protos
 
 

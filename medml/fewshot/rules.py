@@ -136,11 +136,12 @@ class KNNVote(DecisionRule):
 
 class LinearProbe(DecisionRule):
     name = "linear"
+    C: float = 1.0  # inverse L2 strength, as scikit-learn's
 
     def _fit(self, emb: np.ndarray, y: np.ndarray) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        clf = LogisticRegression(C=1.0, max_iter=2000).fit(emb, y)
+        clf = LogisticRegression(C=self.C, max_iter=2000).fit(emb, y)
         coef, intercept = clf.coef_, clf.intercept_
         if len(self.classes) == 2:  # sklearn's binary form: one row for class 1
             coef, intercept = np.vstack([-coef, coef]) / 2, np.hstack([-intercept, intercept]) / 2
@@ -154,9 +155,15 @@ for _rule in (Centroid, CentroidPrior, KMeansPrototypes, KNNVote, LinearProbe):
     RULES.register(_rule.name, _rule)
 
 
-def make_rule(name: str, temperature: float = 0.1) -> DecisionRule:
-    """A fresh, unfitted rule by its registered name."""
-    return RULES[name](temperature=temperature)
+def make_rule(name: str, temperature: float = 0.1, **options: float) -> DecisionRule:
+    """A fresh, unfitted rule by its registered name; ``options`` set its knobs (``k`` of
+    knn, ``per_class`` of kmeans, ``C`` of linear); knobs another rule lacks are ignored, so
+    one options mapping serves every candidate."""
+    rule = RULES[name](temperature=temperature)
+    for key, value in options.items():
+        if hasattr(type(rule), key) and key not in ("name", "temperature"):
+            setattr(rule, key, type(getattr(type(rule), key))(value))
+    return rule
 
 
 def restore_rule(
@@ -205,11 +212,13 @@ def select_rule(
     val_labels: Sequence[str],
     candidates: Sequence[str],
     temperature: float = 0.1,
+    options: dict[str, float] | None = None,
 ) -> RuleChoice:
     """The candidate with the best validation accuracy (then AUROC, then the list order)."""
+    opts = options or {}
     scores = {
-        name: _score(make_rule(name, temperature).fit(support_emb, support_labels), val_emb,
-                     val_labels)
+        name: _score(make_rule(name, temperature, **opts).fit(support_emb, support_labels),
+                     val_emb, val_labels)
         for name in candidates
     }  # fmt: skip
     order = {name: i for i, name in enumerate(candidates)}

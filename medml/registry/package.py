@@ -66,8 +66,9 @@ def package_run(run_id: str, settings: Settings, ws: Workspace, checkpoint: Path
     pc = settings.prototypes
     rule = choose_rule(encoder, settings, ws)
     protos = build_prototypes(
-        train.emb, train.labels, pc.temperature, pc.unknown_threshold, rule=rule
-    )
+        train.emb, train.labels, pc.temperature, pc.unknown_threshold, rule=rule,
+        rule_options=pc.rule_options,
+    )  # fmt: skip
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = log_model(encoder, protos, settings)
     return info.model_uri

@@ -109,10 +109,13 @@ def register_prototypes(
     if rule == "auto":  # chosen on the validation scans, never on the support set itself
         rule = "centroid"
         if v_emb is not None and set(v_labels) <= set(labels):
-            rule = select_rule(emb, labels, v_emb, v_labels, pcfg.rule_candidates).name
+            rule = select_rule(
+                emb, labels, v_emb, v_labels, pcfg.rule_candidates, pcfg.temperature,
+                pcfg.rule_options,
+            ).name  # fmt: skip
     protos = build_prototypes(
         emb, labels, pcfg.temperature, pcfg.unknown_threshold, scan_ids=ids, thumbnails=thumbs,
-        rule=rule,
+        rule=rule, rule_options=pcfg.rule_options,
     )  # fmt: skip
     cal = None
     if validation:
