@@ -6,7 +6,10 @@ from typer.testing import CliRunner
 
 from medml.cli import app
 
-COMMANDS = ["synth", "ingest", "train", "evaluate", "prototypes", "predict", "pipeline"]
+COMMANDS = [
+    "synth", "ingest", "import-medmnist", "train", "pretrain", "sweep", "evaluate", "prototypes",
+    "predict", "promote", "pipeline", "serve",
+]  # fmt: skip
 runner = CliRunner()
 
 
