@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import mlflow
 
 from medml.workspace import Workspace
+
+if TYPE_CHECKING:
+    from medml.planning import Plans
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -67,3 +71,24 @@ def resolve_model_uri(model_uri: str) -> dict[str, str]:
         "created": str(mv.creation_timestamp),
         "source": str(mv.source),
     }
+
+
+def log_plans(plans: Plans, applied: dict | None = None) -> None:
+    """Log the plans to the active run: ``plans.json`` as an artifact, the decisions as
+    ``plans.*`` params (apart from the config's ``plan.*``) and, given ``applied`` (what
+    ``medml.planning.planned_updates`` filled in), the keys the plans set as a tag."""
+    mlflow.log_dict(plans.model_dump(mode="json"), "plans.json")
+    params = {
+        "plans.version": plans.version,
+        "plans.catalog_digest": plans.catalog_digest,
+        "plans.modality": plans.modality,
+        "plans.pixdim": list(plans.pixdim),
+        "plans.spatial_size": list(plans.spatial_size),
+        "plans.window": list(plans.window) if plans.window else None,
+        "plans.batch_size": plans.batch_size,
+        "plans.memory_gb": plans.memory_gb,
+    }
+    log_params_flat(params)
+    if applied is not None:
+        keys = [f"{section}.{key}" for section, fills in applied.items() for key in fills]
+        mlflow.set_tag("medml.from_plans", ",".join(sorted(keys)) or "none")
