@@ -167,6 +167,13 @@ def test_memory_caps_the_spatial_size_then_the_batch():
     assert batch == int(budget // (math.prod(spatial) * 100.0))
 
 
+def test_too_little_memory_is_said_not_hidden(hand_ws):
+    fp = fingerprint(hand_ws, Catalog(hand_ws.catalog_url))
+    plans = make_plans(fp, memory_gb=1e-6)
+    assert plans.spatial_size == (4, 4, 4) and plans.batch_size == 2
+    assert any("do not fit 8 scans" in n for n in plans.notes)
+
+
 def test_binary_volumes_are_planned_as_masks(tmp_path):
     ws = Workspace(tmp_path / "ws")
     import_medmnist(_fake_medmnist(tmp_path / "adrenalmnist3d.npz", binary=True), ws)
@@ -328,3 +335,30 @@ def test_foreground_rule_per_modality():
     ct[1:6, 1:6] = 50.0
     ct[3, 3] = -900.0  # enclosed air: a lung
     assert foreground(ct, "CT", cfg).sum() == 25
+
+
+def test_plan_task_runs_in_a_flow_caches_and_redoes_deleted_plans(hand_ws):
+    from prefect import flow
+
+    from flows.runtime import run_step
+
+    settings = load_settings(None, ["plan.memory_gb=4"])
+    params = {"settings": settings, "workspace": str(hand_ws.root)}
+    path = plans_path(hand_ws)
+
+    @flow
+    def plan_thrice() -> list:
+        first = run_step(tasks.plan, settings, hand_ws, "compute", **params)
+        written = path.stat().st_mtime_ns
+        cached = run_step(tasks.plan, settings, hand_ws, "compute", **params)
+        untouched = path.stat().st_mtime_ns == written  # a cache hit writes nothing
+        path.unlink()  # the cached result now points at a missing file
+        again = run_step(
+            tasks.plan, settings, hand_ws, "compute", stale=tasks.plans_stale, **params
+        )
+        return [first, cached, untouched, again]
+
+    first, cached, untouched, again = plan_thrice()
+    assert untouched and cached == first and "fingerprint" not in first
+    assert again["plans"] == str(path) and path.exists()  # re-planned, not served from cache
+    assert read_plans(hand_ws).memory_gb == 4.0 and again["pixdim"] == first["pixdim"]

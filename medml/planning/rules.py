@@ -180,6 +180,11 @@ def make_plans(
     pixdim, anisotropic = target_spacing(fp, cfg.anisotropy_threshold)
     budget = budget_bytes(memory_gb, cfg)
     spatial, batch = fit_memory(median_size(fp, pixdim), budget, cfg, n_labelled(fp))
+    if cfg.min_batch_size * math.prod(spatial) * cfg.bytes_per_voxel > budget:
+        notes.append(
+            f"{memory_gb:g} GiB do not fit {cfg.min_batch_size} scans even of "
+            f"{'x'.join(map(str, spatial))} voxels: batch {batch} may not fit either"
+        )
     if mask:
         notes.append(f"{modality} volumes are binary (0/1 or 0/255): planned as masks")
     elif modality not in ("CT", "MR"):
