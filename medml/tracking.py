@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import mlflow
+from pydantic import BaseModel
 
 from medml.workspace import Workspace
-
-if TYPE_CHECKING:
-    from medml.planning import Plans
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -73,22 +70,16 @@ def resolve_model_uri(model_uri: str) -> dict[str, str]:
     }
 
 
-def log_plans(plans: Plans, applied: dict | None = None) -> None:
-    """Log the plans to the active run: ``plans.json`` as an artifact, the decisions as
-    ``plans.*`` params (apart from the config's ``plan.*``) and, given ``applied`` (what
-    ``medml.planning.planned_updates`` filled in), the keys the plans set as a tag."""
-    mlflow.log_dict(plans.model_dump(mode="json"), "plans.json")
-    params = {
-        "plans.version": plans.version,
-        "plans.catalog_digest": plans.catalog_digest,
-        "plans.modality": plans.modality,
-        "plans.pixdim": list(plans.pixdim),
-        "plans.spatial_size": list(plans.spatial_size),
-        "plans.window": list(plans.window) if plans.window else None,
-        "plans.batch_size": plans.batch_size,
-        "plans.memory_gb": plans.memory_gb,
-    }
-    log_params_flat(params)
+def log_plans(plans: BaseModel, applied: dict | None = None) -> None:
+    """Log ``medml.planning.Plans`` to the active run: ``plans.json`` as an artifact, the
+    decisions as ``plans.*`` params (apart from the config's ``plan.*``) and, given ``applied``
+    (what ``medml.planning.planned_updates`` filled in), the keys the plans set as a tag.
+
+    Typed as a plain pydantic model: tracking sits below planning in the layers."""
+    data = plans.model_dump(mode="json")
+    mlflow.log_dict(data, "plans.json")
+    decisions = ("version", "catalog_digest", "modality", "pixdim", "spatial_size", "window")
+    log_params_flat({f"plans.{k}": data[k] for k in (*decisions, "batch_size", "memory_gb")})
     if applied is not None:
         keys = [f"{section}.{key}" for section, fills in applied.items() for key in fills]
         mlflow.set_tag("medml.from_plans", ",".join(sorted(keys)) or "none")

@@ -23,7 +23,7 @@ from flows import tasks
 from medml.catalog import Catalog
 from medml.cli import app
 from medml.config import PlanConfig, load_settings
-from medml.medmnist import import_medmnist
+from medml.importers.medmnist import import_medmnist
 from medml.planning import (
     EMPTY_CATALOG,
     PlanningError,

@@ -13,12 +13,12 @@ import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from medml.config import PlanConfig
+from medml.config import Modality, PlanConfig
+from medml.extensions import registry
 from medml.planning.fingerprint import Fingerprint
 
 PLANS_VERSION = 1
@@ -34,7 +34,7 @@ class Plans(BaseModel):
     version: int = PLANS_VERSION
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     catalog_digest: str
-    modality: Literal["CT", "MR", "mask"]
+    modality: Modality
     pixdim: Triple
     spatial_size: Size
     window: tuple[float, float] | None = Field(None, description="CT only: [p0.5, p99.5] HU")
@@ -185,11 +185,12 @@ def make_plans(
             f"{memory_gb:g} GiB do not fit {cfg.min_batch_size} scans even of "
             f"{'x'.join(map(str, spatial))} voxels: batch {batch} may not fit either"
         )
+    known = registry("medml.data.intensity", "INTENSITY")  # by name: data is a layer above
     if mask:
         notes.append(f"{modality} volumes are binary (0/1 or 0/255): planned as masks")
-    elif modality not in ("CT", "MR"):
-        notes.append(f"modality {modality}: no rule of its own, planned as MR (z-score)")
-    planned = "mask" if mask else ("CT" if modality == "CT" else "MR")
+    elif modality not in known:
+        notes.append(f"modality {modality}: no intensity step of its own, planned as MR (z-score)")
+    planned = "mask" if mask else (modality if modality in known else "MR")
     return Plans(
         catalog_digest=fp.catalog_digest,
         modality=planned,
