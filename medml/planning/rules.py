@@ -101,10 +101,12 @@ def target_spacing(fp: Fingerprint, threshold: float) -> tuple[Triple, bool]:
     others = [i for i in range(3) if i != worst]
     aniso_spacing = median[worst] > threshold * max(median[others])
     aniso_voxels = size[worst] * threshold < min(size[others])
+    anisotropic = bool(aniso_spacing and aniso_voxels)
     target = median.copy()
-    if aniso_spacing and aniso_voxels:
+    if anisotropic:
         target[worst] = max(fp.spacing.p10[worst], max(median[others]))
-    return tuple(round(float(v), 4) for v in target), bool(aniso_spacing and aniso_voxels)  # type: ignore[return-value]
+    x, y, z = (round(float(v), 4) for v in target)
+    return (x, y, z), anisotropic
 
 
 def rounding_step(size: np.ndarray) -> int:
@@ -191,12 +193,15 @@ def make_plans(
     elif modality not in known:
         notes.append(f"modality {modality}: no intensity step of its own, planned as MR (z-score)")
     planned = "mask" if mask else (modality if modality in known else "MR")
+    window = None if mask else ct_window(fp, modality)
+    if planned == "CT" and window is None:
+        notes.append("no CT foreground in the sampled volumes: no window planned")
     return Plans(
         catalog_digest=fp.catalog_digest,
         modality=planned,
         pixdim=pixdim,
         spatial_size=spatial,
-        window=None if mask else ct_window(fp, modality),
+        window=window,
         # a mask's crop-and-resize would erase the object's size, which is part of the signal
         foreground_threshold=-1.0 if mask else None,
         batch_size=batch,
