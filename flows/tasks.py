@@ -173,7 +173,6 @@ def ingest_stale(workspace: str) -> Any:
             str(Path(p["workspace"]).resolve()),
         ],
         "medml.planning",
-        "medml.catalog",
     ),
 )
 def plan(settings: Settings, workspace: str) -> dict[str, Any]:
@@ -206,6 +205,7 @@ def plans_stale(result: dict[str, Any]) -> str | None:
             str(Path(p["workspace"]).resolve()),
         ],
         "medml.data.dataset",
+        "medml.planning",  # resolve
     ),
 )
 def preprocess(settings: Settings, workspace: str) -> dict[str, Any]:
