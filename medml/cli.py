@@ -235,7 +235,7 @@ def plan_cmd(
     ] = None,
 ) -> None:
     """Fingerprint the catalog and write WS/plans.json: target spacing, input size, CT window or
-    MR normalisation, batch size. Preprocessing and training take from the plans every setting
+    MR normalisation, batch size. Steps that resolve the plans take from them every setting
     their config leaves unset (see docs/planning.md)."""
     from medml.planning import PlanningError, plan_workspace
 
