@@ -1,4 +1,4 @@
-"""The whole chain as one Prefect flow: synthesize -> ingest -> preprocess -> train ->
+"""The whole chain as one Prefect flow: synthesize -> ingest -> plan -> preprocess -> train ->
 evaluate -> package -> register (prototypes) -> batch inference on the held-out scans.
 
 Every step is cached on its inputs, config, code and data (``flows.caching``): a second run with
@@ -21,6 +21,8 @@ from flows.runtime import run_step, start
 from flows.tasks import (
     evaluate_encoder,
     package_model,
+    plan,
+    plans_stale,
     preprocess,
     run_stale,
     synthesize,
@@ -41,6 +43,7 @@ def pipeline(settings: Settings, workspace: str) -> dict[str, Any]:
     common = {"settings": settings, "workspace": str(ws.root)}
     raw = run_step(synthesize, settings, ws, "io", stale=_raw_stale, **common)
     ingested = ingest_step(settings, ws, raw["raw"], raw["labels"])
+    run_step(plan, settings, ws, "compute", stale=plans_stale, **common)
     cached = run_step(preprocess, settings, ws, "compute", **common)
     stale = run_stale(str(ws.root))
     trained = run_step(train_encoder, settings, ws, "train", stale=stale, **common)

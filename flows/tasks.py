@@ -35,17 +35,24 @@ from medml.workspace import Workspace
 
 # Settings sections that do not change what training produces: a new value re-runs only the
 # steps that read them.
-NOT_TRAINING = {"workspace", "synth", "ingest", "prototypes", "predict", "orchestration"}
+NOT_TRAINING = {"workspace", "synth", "ingest", "plan", "prototypes", "predict", "orchestration"}
 
 
 def _ws(workspace: str) -> Workspace:
     return Workspace(Path(workspace)).ensure()
 
 
+def _resolved(p: dict[str, Any]) -> Settings:
+    """The task's settings with the workspace's plans filled in, as its library call sees them."""
+    from medml.planning import resolve
+
+    return resolve(p["settings"], Workspace(Path(p["workspace"])))
+
+
 def _training_key(p: dict[str, Any]) -> list[Any]:
     ws = Workspace(Path(p["workspace"]))
     return [
-        p["settings"].model_dump(mode="json", exclude=NOT_TRAINING),
+        _resolved(p).model_dump(mode="json", exclude=NOT_TRAINING),
         catalog_fingerprint(ws.catalog_url, with_splits=True),
         ws.mlflow_uri,
         str(ws.root),
@@ -153,26 +160,63 @@ def ingest_stale(workspace: str) -> Any:
     return check
 
 
-# --------------------------------------------------------------------- preprocess, training
+# ----------------------------------------------------------------- plan, preprocess, training
+
+
+@task(
+    name="plan",
+    cache_policy=step_cache(
+        lambda p: [
+            p["settings"].plan,
+            # not the splits: no plan depends on them (their class counts are as planned)
+            catalog_fingerprint(Workspace(Path(p["workspace"])).catalog_url, with_splits=False),
+            str(Path(p["workspace"]).resolve()),
+        ],
+        "medml.planning",
+    ),
+)
+def plan(settings: Settings, workspace: str) -> dict[str, Any]:
+    """Fingerprint the catalog and write ``WS/plans.json`` (medml.planning.plan_workspace)."""
+    from medml.planning import plan_workspace
+
+    plans, path = plan_workspace(Workspace(Path(workspace)), settings.plan)
+    get_run_logger().info(
+        "plans: %s pixdim %s, size %s, batch %d",
+        plans.modality,
+        plans.pixdim,
+        plans.spatial_size,
+        plans.batch_size,
+    )
+    return jsonable({"plans": str(path), **plans.model_dump(mode="json", exclude={"fingerprint"})})
+
+
+def plans_stale(result: dict[str, Any]) -> str | None:
+    """Checks a cached plan result: its plans file is still there."""
+    return None if Path(result["plans"]).exists() else f"{result['plans']} is missing"
 
 
 @task(
     name="preprocess",
     cache_policy=step_cache(
         lambda p: [
-            p["settings"].preprocess,
+            _resolved(p).preprocess,
             p["settings"].split,
             catalog_fingerprint(Workspace(Path(p["workspace"])).catalog_url, with_splits=False),
             str(Path(p["workspace"]).resolve()),
         ],
         "medml.data.dataset",
+        "medml.planning",  # resolve
     ),
 )
 def preprocess(settings: Settings, workspace: str) -> dict[str, Any]:
-    """Split patients, then fill the persistent MONAI cache (medml.data.dataset)."""
+    """Split patients, then fill the persistent MONAI cache (medml.data.dataset), with the
+    workspace's plans filling the preprocessing settings the config leaves unset."""
     from medml.data.dataset import preprocess_catalog
+    from medml.planning import resolve
 
-    result = preprocess_catalog(_ws(workspace), settings.split, settings.preprocess)
+    ws = _ws(workspace)
+    settings = resolve(settings, ws)
+    result = preprocess_catalog(ws, settings.split, settings.preprocess)
     get_run_logger().info("cached %d volumes; splits %s", result["cached"], result["splits"])
     return jsonable(result)
 

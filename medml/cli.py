@@ -224,6 +224,67 @@ def ingest_cmd(
     )
 
 
+@app.command("plan")
+def plan_cmd(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="Memory a training batch may use [plan.memory_gb; detected]."),
+    ] = None,
+) -> None:
+    """Fingerprint the catalog and write WS/plans.json: target spacing, input size, CT window or
+    MR normalisation, batch size. Steps that resolve the plans take from them every setting
+    their config leaves unset (see docs/planning.md)."""
+    from medml.planning import PlanningError, plan_workspace
+
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings if config else None)
+    if not ws.root.is_dir():  # never create a workspace as a side effect
+        raise typer.BadParameter(
+            f"workspace {ws.root} does not exist: run `medml ingest` (or `medml pipeline`) first",
+            param_hint="--workspace",
+        )
+    try:
+        plans, path = plan_workspace(ws, settings.plan, memory_gb)
+    except PlanningError as exc:
+        _fail(exc)
+    fp = plans.fingerprint
+    intensity = (
+        f"window [{plans.window[0]:g}, {plans.window[1]:g}] HU"
+        if plans.window
+        else {"MR": "z-score (nonzero voxels)", "mask": "0..1 scaling, no crop"}.get(
+            plans.modality, plans.modality
+        )
+    )
+    counts = "; ".join(
+        f"{split}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+        for split, c in plans.class_counts.items()
+    )
+    lines = [
+        f"{fp.n_scans} scans ({', '.join(f'{m} {n}' for m, n in fp.modalities.items())}), "
+        f"{fp.sampled} volumes sampled for intensities",
+        f"  median spacing {_mm(fp.spacing.median)}, median shape {_vox(fp.shape.median)}",
+        f"  modality     {plans.modality}: {intensity}",
+        f"  pixdim       {_mm(plans.pixdim)}{' (anisotropic)' if plans.anisotropic else ''}",
+        f"  spatial size {_vox(plans.spatial_size)}",
+        f"  batch size   {plans.batch_size} for {plans.memory_gb:g} GiB ({plans.memory_source})",
+        f"  classes      {counts or 'no labelled scans'}",
+        *[f"  note: {n}" for n in plans.notes],
+        f"plans: {path}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{v:g}" for v in values) + " mm"
+
+
+def _vox(values) -> str:
+    return "x".join(f"{v:g}" for v in values)
+
+
 @app.command("train")
 def train_cmd(
     config: ConfigOpt = None,

@@ -121,6 +121,36 @@ class PreprocessConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+class PlanConfig(_Strict):
+    """How ``medml plan`` fingerprints the catalog and derives preprocessing plans
+    (docs/planning.md has the rules)."""
+
+    sample_volumes: int = Field(50, ge=1, description="volumes read for intensities (seeded)")
+    voxels_per_volume: int = Field(
+        100_000, ge=100, description="foreground voxels drawn per sampled volume"
+    )
+    seed: int = 0
+    ct_body_hu: float = Field(
+        -500.0, description="CT foreground: the body above this HU, holes (lungs) filled"
+    )
+    anisotropy_threshold: float = Field(
+        3.0, gt=1, description="nnU-Net's: a low-resolution axis is this x coarser and shorter"
+    )
+    memory_gb: float | None = Field(
+        None, gt=0, description="memory a training batch may use; null: GPU 0's, else the RAM"
+    )
+    memory_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of that memory for the batch's activations"
+    )
+    # ~90 B measured for resnet10 (widen 0.5, stride 2), fp32, CPU, forward + backward +
+    # AdamW (bench/plan_memory.py); the default leaves room for wider backbones.
+    bytes_per_voxel: float = Field(
+        128.0, gt=0, description="training memory per input voxel per scan in a batch"
+    )
+    min_batch_size: int = Field(8, ge=2, description="the spatial size shrinks until this fits")
+    max_batch_size: int = Field(32, ge=2)
+
+
 class ModelConfig(_Strict):
     """Encoder: MONAI backbone + projection head + L2 normalisation."""
 
@@ -353,6 +383,7 @@ class Settings(_Strict):
     workspace: Path = Path("workspace")
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
+    plan: PlanConfig = PlanConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import mlflow
+from pydantic import BaseModel
 
 from medml.workspace import Workspace
 
@@ -67,3 +68,18 @@ def resolve_model_uri(model_uri: str) -> dict[str, str]:
         "created": str(mv.creation_timestamp),
         "source": str(mv.source),
     }
+
+
+def log_plans(plans: BaseModel, applied: dict | None = None) -> None:
+    """Log ``medml.planning.Plans`` to the active run: ``plans.json`` as an artifact, the
+    decisions as ``plans.*`` params (apart from the config's ``plan.*``) and, given ``applied``
+    (what ``medml.planning.planned_updates`` filled in), the keys the plans set as a tag.
+
+    Typed as a plain pydantic model: tracking sits below planning in the layers."""
+    data = plans.model_dump(mode="json")
+    mlflow.log_dict(data, "plans.json")
+    decisions = ("version", "catalog_digest", "modality", "pixdim", "spatial_size", "window")
+    log_params_flat({f"plans.{k}": data[k] for k in (*decisions, "batch_size", "memory_gb")})
+    if applied is not None:
+        keys = [f"{section}.{key}" for section, fills in applied.items() for key in fills]
+        mlflow.set_tag("medml.from_plans", ",".join(sorted(keys)) or "none")

@@ -120,7 +120,15 @@ def test_champion_loads_as_pyfunc_and_predicts_paths(run, tiny_raw):
 
 # --- orchestration: caching, artifacts, Dask (these run last: they add model versions) ---
 
-CACHED_STEPS = ("synthesize", "ingest", "preprocess", "train", "prototypes", "predict-batch")
+CACHED_STEPS = (
+    "synthesize",
+    "ingest",
+    "plan",
+    "preprocess",
+    "train",
+    "prototypes",
+    "predict-batch",
+)
 
 
 def _task_states(flow_run_id) -> dict[str, set[str]]:
@@ -174,7 +182,7 @@ def test_rerun_skips_unchanged_steps_and_a_config_change_reruns_only_dependents(
     third = pipeline(changed, str(ws.root), return_state=True)
     assert third.is_completed(), third.message
     states = _task_states(third.state_details.flow_run_id)
-    for step in ("synthesize", "ingest", "preprocess", "train"):
+    for step in ("synthesize", "ingest", "plan", "preprocess", "train"):
         assert states[step] == {"Cached"}, (step, states)
     for step in ("prototypes", "predict-batch"):
         assert states[step] == {"Completed"}, (step, states)
