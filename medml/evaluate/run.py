@@ -23,6 +23,7 @@ from medml.fewshot.rules import RuleChoice, select_rule
 from medml.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import Embedded, embed_scans
+from medml.planning import resolve
 from medml.workspace import Workspace
 
 
@@ -106,6 +107,7 @@ def evaluate_run(
     Returns the train/evaluate JSON contract: ``run_id`` plus the metrics of
     ``settings.evaluate.split``.
     """
+    settings = resolve(settings, ws)  # as training saw them
     encoder = load_encoder(settings.model, checkpoint)
     embedded: dict[str, Embedded] = {}
     rule = choose_rule(encoder, settings, ws)

@@ -21,6 +21,7 @@ from medml.evaluate.run import choose_rule
 from medml.fewshot.prototypes import Prototypes, build_prototypes
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import embed_scans
+from medml.planning import resolve
 from medml.predict.pyfunc import ENTRY, signature
 from medml.workspace import Workspace
 
@@ -60,6 +61,7 @@ def package_run(run_id: str, settings: Settings, ws: Workspace, checkpoint: Path
     The prototypes are the renormalised means of the train split's base-class embeddings, so
     the packaged model predicts as the run's nearest-centroid metrics were measured.
     """
+    settings = resolve(settings, ws)  # as training saw them, and saved with the model
     encoder = load_encoder(settings.model, checkpoint)
     scans = Catalog(ws.catalog_url).list_scans("train", class_set="base")
     train = embed_scans(encoder, ws, settings.preprocess, scans, settings.evaluate.batch_size)

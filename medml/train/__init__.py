@@ -16,7 +16,8 @@ import mlflow
 from medml.catalog import Catalog
 from medml.config import Settings
 from medml.data.splits import ensure_splits, patient_folds
-from medml.tracking import configure, use_experiment
+from medml.planning import planned_updates, read_plans, resolve
+from medml.tracking import configure, log_plans, use_experiment
 from medml.train import checkpoint
 from medml.train.distributed import Dist
 from medml.train.hooks import EarlyStopping, Hook, MLflowLogger, WeightAveraging
@@ -45,6 +46,7 @@ def train(
     too). Returns the run id and the best checkpoint; evaluation and packaging follow as
     their own steps (``medml.evaluate.evaluate_run``, ``medml.registry.package.package_run``).
     """
+    settings = resolve(settings, ws)  # the workspace's plans fill what the config left unset
     if settings.train.folds > 1:
         return train_folds(settings, ws, progress, run_name=run_name, nested=nested, tags=tags)
     dist = Dist.from_env()
@@ -80,6 +82,8 @@ def train(
             *([WeightAveraging(settings.train.ema_decay)] if settings.train.ema_decay else []),
             *hooks,
         ]
+        if dist.main and (plans := read_plans(ws)) is not None and saved is None:
+            log_plans(plans, planned_updates(settings, plans))
         trainer.build()
         if saved is not None:
             trainer.restore(saved)

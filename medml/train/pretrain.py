@@ -30,6 +30,7 @@ from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.transforms import KEY
 from medml.models.encoder import Encoder, build_encoder
 from medml.models.inference import device
+from medml.planning import resolve
 from medml.tracking import configure, log_params_flat, use_experiment
 from medml.train import checkpoint
 from medml.workspace import Workspace
@@ -64,6 +65,7 @@ def pretrain(settings: Settings, ws: Workspace, progress: bool = True) -> Pretra
     """Contrastive pretraining in an MLflow run of ``train.experiment``; the encoder's path."""
     from pytorch_metric_learning.losses import NTXentLoss
 
+    settings = resolve(settings, ws)  # the workspace's plans fill what the config left unset
     pc, dev = settings.pretrain, device()
     scans = pretraining_scans(Catalog(ws.catalog_url), pc.include_test)
     if len(scans) < 2:
