@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from medml.catalog import Catalog
 from medml.config import IngestConfig
-from medml.ingest import dicom, nifti
+from medml.ingest import dicom, nifti, volumes
 from medml.ingest.deid import KeyMaker, load_secret, shift_date
 from medml.ingest.labels import LabelIndex
 from medml.ingest.report import FileRecord, IngestReport
@@ -206,18 +206,32 @@ def _convert_series(ctx: WorkerContext, task: Task) -> TaskResult:
             records + [FileRecord(_rel(ctx, p), status, reason=reason) for p in paths]
         )
 
+    if series.problem:  # the planes did not resolve into volumes: never converted
+        return outcome("quarantined", series.problem.reason)
     if series.split_by:
         note = f"4D series split by {series.split_by}"
         if cfg.on_4d == "quarantine":
-            return outcome("quarantined", f"4D series (volumes differ by {series.split_by})")
+            return outcome(
+                "quarantined",
+                f"4D series ({series.n_volumes} volumes, differing by {series.split_by})",
+            )
         warnings.append(note)
+    allowed = set()
     for problem in dicom.check_series(series, cfg.min_slices, cfg.gap_factor, cfg.max_tilt_deg):
         action = _policy(cfg, problem.case)
         if action == "skip":
             return outcome("skipped", problem.reason)
         if action == "quarantine" or problem.case in {"duplicate_position", "single_slice"}:
             return outcome("quarantined", problem.reason)
+        allowed.add(problem.case)
         warnings.append(f"converted despite {problem.reason}")
+    broken = volumes.verify_stack(
+        series.stack(),
+        allow_gaps="missing_slice" in allowed,
+        max_tilt_deg=None if "gantry_tilt" in allowed else cfg.max_tilt_deg,
+    )
+    if broken:
+        return outcome("quarantined", broken)
 
     for p in paths:
         if p not in blobs:
