@@ -51,6 +51,9 @@ class Plane(Protocol):
     @property
     def instance_number(self) -> int: ...
 
+    frame: int | None
+    tile: int | None
+
 
 class Unresolved(ValueError):
     """The planes do not partition into volumes with certainty; the message says what was found."""
@@ -173,8 +176,14 @@ def _split_group(members: list[Plane], normal: np.ndarray) -> list[Volume]:
                 )
                 for value, g in sorted(groups.items(), key=lambda kv: _sort_value(kv[0]))
             ]
-    ordered = sorted(unique, key=lambda p: (p.instance_number, str(p.instance_key)))
+    ordered = sorted(unique, key=lambda p: (p.instance_number, p.frame or 0, p.tile or 0))
     n_pos = len(all_positions)
+    enhanced = members[0].container is not None and members[0].container[0] == "frames"
+    if enhanced:  # frame order is no evidence: the dimension index must separate the stacks
+        raise Unresolved(
+            f"enhanced object: {len(unique)} frames at {n_pos} positions that its "
+            "DimensionIndexSequence does not separate into stacks"
+        )
     if len(ordered) % n_pos == 0:
         chunks = {i: ordered[i * n_pos : (i + 1) * n_pos] for i in range(len(ordered) // n_pos)}
         if complete(chunks):
