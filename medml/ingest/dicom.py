@@ -608,13 +608,16 @@ def check_series(
     return problems
 
 
-def sort_and_check(series: Series, min_slices: int = 2, gap_factor: float = 1.5) -> np.ndarray:
+def sort_and_check(
+    series: Series, min_slices: int = 2, gap_factor: float = 1.5, max_tilt_deg: float = 0.05
+) -> np.ndarray:
     """Sort slices along the normal in place; return the positions along it.
 
     Raises SeriesError for too few slices, duplicate positions, a gap over ``gap_factor`` x the
-    median, or gantry tilt.
+    median, or gantry tilt over ``max_tilt_deg``. (Ingestion and prediction decide through
+    :class:`medml.ingest.checks.SeriesChecks`, which applies the policies as well.)
     """
-    problems = check_series(series, min_slices, gap_factor)
+    problems = check_series(series, min_slices, gap_factor, max_tilt_deg)
     if problems:
         raise SeriesError(problems[0].reason, problems[0].case)
     return np.array([float(s.position @ slice_normal(s.orientation)) for s in series.slices])
