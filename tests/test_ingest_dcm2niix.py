@@ -277,3 +277,17 @@ def test_on_4d_quarantine_applies_to_mosaic_series(tmp_path):
     ours, report = _ours(tmp_path / "src", Workspace(tmp_path / "ws"), on_4d="quarantine")
     assert ours == []
     assert all(f["reason"].startswith("4D series (2 volumes") for f in report["files"])
+
+
+def test_instance_order_is_no_evidence_without_instance_numbers(tmp_path):
+    """GE-like 4D whose files lost their InstanceNumber: file names are no volume index."""
+    paths = write_classic_4d(_spec(n=4), tmp_path / "src" / "ge", [{} for _ in range(3)])
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        del ds.InstanceNumber
+        ds.save_as(p)
+    ours, report = _ours(tmp_path / "src", Workspace(tmp_path / "ws"))
+    assert ours == []
+    assert all(
+        f["reason"].startswith("4D series: 4 positions x 3 volumes") for f in report["files"]
+    )

@@ -11,7 +11,8 @@ enhanced object's DimensionIndexValues without the in-stack position; each mosai
 by the first header key, or pair of keys, that partitions the planes into equal complete stacks
 (echo number, temporal position, Philips private phase / gradient numbers, trigger time, b-value
 and gradient direction, acquisition number, echo time), and as a last resort by a regular repeat
-of the positions in instance order.
+of the positions in instance order (every volume the same positions in the same order; only
+where every plane has its own InstanceNumber).
 
 :func:`verify_stack` is the invariant every output volume must satisfy, however it was grouped:
 one series, one orientation, one matrix, one set of frame keys, one plane per position, evenly
@@ -184,9 +185,13 @@ def _split_group(members: list[Plane], normal: np.ndarray) -> list[Volume]:
             f"enhanced object: {len(unique)} frames at {n_pos} positions that its "
             "DimensionIndexSequence does not separate into stacks"
         )
-    if len(ordered) % n_pos == 0:
+    numbers = [p.instance_number for p in ordered]
+    numbered = all(numbers) and len(set(numbers)) == len(numbers)  # file order is no evidence
+    if numbered and len(ordered) % n_pos == 0:
         chunks = {i: ordered[i * n_pos : (i + 1) * n_pos] for i in range(len(ordered) // n_pos)}
-        if complete(chunks):
+        # a regular repeat: every volume holds every position once, in the same order
+        orders = {tuple(pos[id(p)] for p in g) for g in chunks.values()}
+        if complete(chunks) and len(orders) == 1:
             return [Volume(expand(g), INSTANCE_ORDER, f"vol{i + 1}", {}) for i, g in chunks.items()]
     repeated = sum(1 for c in counts.values() if c > 1)
     if 2 * repeated < n_pos:
