@@ -136,7 +136,7 @@ def test_catalog_on_postgresql(tmp_path, secret, monkeypatch):
         src = _tree(tmp_path / "src", n_series=2, n_slices=4, size=16)
         ws = Workspace(tmp_path / "ws")
         monkeypatch.setenv("MEDML_CATALOG_URL", PG_URL)
-        monkeypatch.setattr("medml.ingest.Catalog", lambda url: Catalog(url, schema=schema))
+        monkeypatch.setattr("medml.ingest.run.Catalog", lambda url: Catalog(url, schema=schema))
         ingest(src, ws, None, IngestConfig(workers=1), progress=False)
         ingest(src, ws, None, IngestConfig(workers=1), progress=False)
         assert len(Catalog(PG_URL, schema=schema).list_scans(labelled=False)) == 3

@@ -28,6 +28,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from medml.ingest import mosaic, volumes
+from medml.ingest.volumes import Unresolved
+
 __all__ = ["InvalidDicomError"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -52,7 +55,7 @@ NON_IMAGE_SOP_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
 }
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-# Header attributes that tell the volumes of a 4D series apart, tried in this order.
+# Header attributes that tell the volumes of a 4D series apart (see medml.ingest.volumes).
 FOUR_D_KEYS = (
     "EchoNumbers",
     "TemporalPositionIdentifier",
@@ -60,8 +63,25 @@ FOUR_D_KEYS = (
     "AcquisitionNumber",
     "TriggerTime",
     "DiffusionBValue",
+    "DiffusionGradientOrientation",
     "EchoTime",
 )
+# Vendors' private volume indices, read (as dcm2niix does) by fixed tag for that vendor:
+# name -> (manufacturer prefix, tag).
+PRIVATE_KEYS = {
+    "PhilipsPhaseNumber": ("PHILIPS", (0x2001, 0x1008)),
+    "PhilipsGradientNumber": ("PHILIPS", (0x2005, 0x1413)),
+    "PhilipsBValue": ("PHILIPS", (0x2001, 0x1003)),
+    "SiemensBValue": ("SIEMENS", (0x0019, 0x100C)),
+    "SiemensGradient": ("SIEMENS", (0x0019, 0x100E)),
+    "GEBValue": ("GE", (0x0043, 0x1039)),
+}
+VOLUME_KEY_FIELDS = (*FOUR_D_KEYS, "PhilipsPhaseNumber", "PhilipsGradientNumber")
+# private b-value / gradient names standing in for the standard ones where those are absent
+PRIVATE_DIFFUSION = {
+    "DiffusionBValue": ("PhilipsBValue", "SiemensBValue", "GEBValue"),
+    "DiffusionGradientOrientation": ("SiemensGradient",),
+}
 
 
 class SeriesError(ValueError):
@@ -85,7 +105,8 @@ HEADER_FIELDS = (
     "StudyDate", "Modality", "Rows", "Columns", "ImagePositionPatient",
     "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",
     "RescaleIntercept", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
-    "NumberOfFrames", "ImageType", "BurnedInAnnotation", *FOUR_D_KEYS,
+    "NumberOfFrames", "ImageType", "BurnedInAnnotation", "InstanceNumber", "HighBit",
+    "SpacingBetweenSlices", "Manufacturer", "SeriesNumber", *FOUR_D_KEYS,
 )  # fmt: skip
 
 
@@ -120,6 +141,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _private_value(value: Any) -> Any:
+    """A private value as a comparable builtin (undecoded bytes, e.g. implicit VR UN: as hex)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    return _plain(value)
+
+
 def compact_header(ds: pydicom.Dataset) -> Header:
     """A :class:`Header` from a Dataset read by :func:`read_header` (frames expanded)."""
     h = Header()
@@ -128,6 +156,19 @@ def compact_header(ds: pydicom.Dataset) -> Header:
             value = ds[name].value
             if value not in (None, ""):
                 h[name] = _plain(value)
+    maker = str(h.get("Manufacturer", "")).upper()
+    for name, (vendor, tag) in PRIVATE_KEYS.items():
+        if maker.startswith(vendor) and tag in ds:
+            value = ds[tag].value
+            if value not in (None, "", b""):
+                h[name] = _private_value(value)
+    for name, private in PRIVATE_DIFFUSION.items():
+        if name not in h:
+            found = [h[p] for p in private if p in h]
+            if found:
+                h[name] = found[0]
+    if mosaic.is_mosaic(ds):
+        h["_mosaic"] = mosaic.mosaic_info(ds)
     meta = getattr(ds, "file_meta", None)
     h["TransferSyntaxUID"] = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     elem = _pixel_element(ds)
@@ -135,12 +176,25 @@ def compact_header(ds: pydicom.Dataset) -> Header:
     if is_multiframe(ds):
         n = int(ds.get("NumberOfFrames", 1) or 1)
         h["_frames"] = [{k: _plain(v) for k, v in _frame_geometry(ds, i).items()} for i in range(n)]
+        h["_dim_positions"] = _dimension_positions(ds)
     return h
+
+
+# Dimension index pointers that only say where a frame sits in its stack.
+IN_STACK_POINTERS = {0x00209057, 0x00200032}  # InStackPositionNumber, ImagePositionPatient
+
+
+def _dimension_positions(ds: pydicom.Dataset) -> list[int]:
+    """Indices into DimensionIndexValues that tell stacks, echoes and volumes apart."""
+    dims = ds.get("DimensionIndexSequence") or []
+    return [i for i, d in enumerate(dims) if int(d.get("DimensionIndexPointer", 0) or 0)
+            not in IN_STACK_POINTERS]  # fmt: skip
 
 
 @dataclass
 class Slice:
-    """One image plane: a single-frame file, or one frame of a multi-frame file.
+    """One image plane: a single-frame file, one frame of a multi-frame file, or one tile of a
+    Siemens mosaic.
 
     ``header`` may be a pydicom Dataset (it is then reduced to a :class:`Header`).
     """
@@ -148,7 +202,8 @@ class Slice:
     path: Path
     header: Header
     frame: int | None = None
-    geometry: dict[str, Any] | None = None  # per-frame overrides for enhanced objects
+    geometry: dict[str, Any] | None = None  # per-frame / per-tile overrides
+    tile: int | None = None  # index of the tile in a mosaic
 
     def __post_init__(self) -> None:
         if isinstance(self.header, pydicom.Dataset):
@@ -182,15 +237,60 @@ class Slice:
         value = self._get(name)
         return None if value in (None, "") else str(value)
 
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return int(self._get("Rows")), int(self._get("Columns"))
+
+    @property
+    def instance_number(self) -> int:
+        try:
+            return int(self.header.get("InstanceNumber", 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    @property
+    def instance_key(self) -> tuple:
+        """Equal for copies of one plane: the same SOP instance, frame and tile, and the same
+        volume keys (writers that reuse one SOPInstanceUID for several echoes exist)."""
+        sop = self.header.get("SOPInstanceUID") or str(self.path)
+        return (sop, self.frame, self.tile, *(self.key_value(k) for k in VOLUME_KEY_FIELDS))
+
+    @property
+    def container(self) -> tuple | None:
+        """The multi-plane object this plane comes from and, for an enhanced object, its
+        dimension index without the in-stack position (None for a one-plane file)."""
+        sop = self.header.get("SOPInstanceUID") or str(self.path)
+        if self.tile is not None:
+            return ("mosaic", sop)
+        if self.frame is not None:
+            dims = (self.geometry or {}).get("DimensionIndexValues")
+            keep = self.header.get("_dim_positions") or []
+            if dims is not None:
+                dims = dims if isinstance(dims, list) else [dims]  # VM 1 reads as a number
+                dims = tuple(dims[i] for i in keep if i < len(dims))
+            return ("frames", sop, dims)
+        return None
+
 
 @dataclass
 class Series:
-    """Slices sharing a SeriesInstanceUID, orientation and matrix size (and 4D index if split)."""
+    """Slices of one volume: a SeriesInstanceUID, orientation and matrix size, and where the
+    series holds several volumes, what tells this one apart (``split_by``, ``keys``).
+
+    ``problem`` is set where the series' planes could not be resolved into volumes: the series
+    is then quarantined with that reason, never converted.
+    """
 
     uid: str
     slices: list[Slice] = field(default_factory=list)
-    split_by: str | None = None  # the 4D attribute this series was split on, if any
+    split_by: str | None = None  # what this series was split from its siblings on, if any
     notes: list[str] = field(default_factory=list)
+    keys: dict[str, Any] = field(default_factory=dict)
+    problem: Problem | None = None
+    n_volumes: int = 1  # volumes the source series held
+
+    def stack(self) -> volumes.Volume:
+        return volumes.Volume(self.slices, self.split_by, None, dict(self.keys))
 
     @property
     def first(self) -> Header:
@@ -214,16 +314,36 @@ def _looks_like_headerless_dicom(path: Path) -> bool:
     return len(head) == 4 and head[:2] == b"\x08\x00" and head[2] in (0, 5, 8, 0x10, 0x16, 0x18)
 
 
+def _tags_read() -> list:
+    """Every attribute classification and conversion look at: only these are parsed (pydicom
+    seeks over the values of all others, and over whole sequences not listed: a third less
+    time per file, far less for vendors' large private sequences)."""
+    private = [tag for _, tag in PRIVATE_KEYS.values()]
+    private += [mosaic.CSA_IMAGE_HEADER, mosaic.SIEMENS_N_MOSAIC]
+    creators = sorted({(group, element >> 8) for group, element in private})
+    return [
+        *HEADER_FIELDS, "PhotometricInterpretation", "PerFrameFunctionalGroupsSequence",
+        "SharedFunctionalGroupsSequence", "DimensionIndexSequence", "PixelData", *private,
+        *creators,
+    ]  # fmt: skip
+
+
+TAGS_READ = _tags_read()
+
+
 def read_header(path: Path) -> pydicom.Dataset:
-    """Read a DICOM header, large values (pixel data) deferred.
+    """Read the DICOM attributes ingestion uses (:data:`TAGS_READ`), pixel data deferred.
 
     Raises InvalidDicomError for files that are not DICOM; other exceptions for broken ones.
     """
     try:
-        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
+        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, specific_tags=TAGS_READ)
+        if PIXEL_DATA not in ds:  # no image, or a file cut short: read all, to tell which
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+        return ds
     except InvalidDicomError:
         if _looks_like_headerless_dicom(path):
-            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, force=True)
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, force=True, specific_tags=TAGS_READ)
             if "SOPClassUID" in ds:
                 return ds
         raise
@@ -318,11 +438,18 @@ def classify(ds: pydicom.Dataset) -> Problem | None:
         missing = [t for t in required if t not in ds]
     if missing:
         return Problem("no_pixels", f"DICOM without image geometry (missing {', '.join(missing)})")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        return Problem("derived", "derived or secondary capture (colour image)")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        colour = str(ds.get("PhotometricInterpretation", "") or "colour")
+        return Problem(
+            "unsupported", f"unsupported DICOM: colour image ({colour}, {samples} samples per "
+            "pixel); only greyscale volumes are converted",
+        )  # fmt: skip
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "MOSAIC" in image_type:  # Siemens packs a whole volume into one tiled plane
-        return Problem("unsupported", "unsupported DICOM: Siemens mosaic (not converted)")
+        info = mosaic.mosaic_info(ds)
+        if "error" in info:
+            return Problem("unsupported", f"unsupported DICOM: {info['error']}")
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
         return Problem("localizer", f"localizer (ImageType {'/'.join(image_type)})")
     if image_type and (image_type[0] == "DERIVED" or "SECONDARY" in image_type[1:2]):
@@ -346,7 +473,7 @@ def _frame_geometry(ds: pydicom.Dataset, i: int) -> dict[str, Any]:
         ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
         ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness")),
         ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
-        ("FrameContentSequence", ("TemporalPositionIndex", "StackID")),
+        ("FrameContentSequence", ("TemporalPositionIndex", "StackID", "DimensionIndexValues")),
         ("MREchoSequence", ("EffectiveEchoTime",)),
         ("MRDiffusionSequence", ("DiffusionBValue",)),
     ):
@@ -358,64 +485,77 @@ def _frame_geometry(ds: pydicom.Dataset, i: int) -> dict[str, Any]:
                         out[attr] = item[attr].value
     if "EffectiveEchoTime" in out:
         out["EchoTime"] = out.pop("EffectiveEchoTime")
+    diffusion = frame.get("MRDiffusionSequence") or shared.get("MRDiffusionSequence") or []
+    if len(diffusion) and "DiffusionGradientDirectionSequence" in diffusion[0]:
+        direction = diffusion[0].DiffusionGradientDirectionSequence
+        if len(direction) and "DiffusionGradientOrientation" in direction[0]:
+            out["DiffusionGradientOrientation"] = direction[0].DiffusionGradientOrientation
     return out
 
 
 def expand_frames(s: Slice) -> list[Slice]:
-    """One Slice per frame for an enhanced multi-frame object; the slice itself otherwise."""
+    """One Slice per frame of an enhanced multi-frame object, per tile of a mosaic; the slice
+    itself otherwise."""
+    if s.frame is not None or s.tile is not None:
+        return [s]
+    if s.header.get("_mosaic"):
+        return [Slice(s.path, s.header, None, g, i) for i, g in
+                enumerate(mosaic.tile_geometry(s.header))]  # fmt: skip
     frames = s.header.get("_frames")
-    if s.frame is not None or not frames:
+    if not frames:
         return [s]
     return [Slice(s.path, s.header, i, g) for i, g in enumerate(frames)]
 
 
-def _positions_unique(slices: list[Slice], normal: np.ndarray) -> bool:
-    pos = np.round([float(s.position @ normal) for s in slices], 3)
-    return len(set(pos.tolist())) == len(pos)
-
-
 def group_series(slices: list[Slice]) -> list[Series]:
-    """Group by SeriesInstanceUID, split by orientation and matrix size, then by 4D index.
+    """Group by SeriesInstanceUID, split by orientation and matrix size, then into volumes.
 
-    A 4D index (echo, temporal position, acquisition, trigger time, b-value) is split on only
-    where slice positions repeat and that attribute separates them: CT scanners that number
-    every slice as its own acquisition are not torn apart.
+    A group whose positions repeat is split into volumes by :func:`volumes.split_volumes`
+    (container, header keys, instance order); where that is not certain, the group becomes one
+    Series with ``problem`` set: it is quarantined with the reason, never converted. CT
+    scanners that number every slice as its own acquisition are not torn apart: keys are tried
+    only where positions repeat.
     """
     groups: dict[tuple, list[Slice]] = {}
     orientations: dict[str, list[np.ndarray]] = defaultdict(list)
     for s in (f for s0 in slices for f in expand_frames(s0)):
+        # SeriesNumber too, as dcm2niix: exports that reuse one UID for several series exist
         uid = str(s.header.SeriesInstanceUID)
+        number = s.header.get("SeriesNumber")
+        uid = uid if number is None else f"{uid}\0{number}"
         iop = s.orientation
         reps = orientations[uid]
         idx = next((i for i, r in enumerate(reps) if np.max(np.abs(r - iop)) < 1e-3), None)
         if idx is None:
             reps.append(iop)
             idx = len(reps) - 1
-        key = (uid, idx, int(s.header.Rows), int(s.header.Columns))
+        key = (uid, idx, *s.matrix)
         groups.setdefault(key, []).append(s)
 
     out: list[Series] = []
-    for (uid, idx, rows, cols), members in groups.items():
-        n_split = sum(1 for k in groups if k[0] == uid)
-        base = uid if n_split == 1 else f"{uid}#o{idx}-{rows}x{cols}"
+    for (uid_number, idx, rows, cols), members in groups.items():
+        uid, _, number = uid_number.partition("\0")
+        n_numbers = len({k[0] for k in groups if k[0].partition("\0")[0] == uid})
+        base = uid if n_numbers == 1 else f"{uid}#s{number}"
+        n_split = sum(1 for k in groups if k[0] == uid_number)
+        base = base if n_split == 1 else f"{base}#o{idx}-{rows}x{cols}"
         out.extend(_split_4d(base, members))
     return out
 
 
 def _split_4d(uid: str, members: list[Slice]) -> list[Series]:
-    normal = slice_normal(members[0].orientation)
-    if _positions_unique(members, normal):
-        return [Series(uid, members)]
-    for key in FOUR_D_KEYS:
-        by_value: dict[Any, list[Slice]] = defaultdict(list)
-        for s in members:
-            by_value[s.key_value(key)].append(s)
-        if len(by_value) > 1 and all(_positions_unique(g, normal) for g in by_value.values()):
-            return [
-                Series(f"{uid}#{key}={value}", group, split_by=key)
-                for value, group in sorted(by_value.items(), key=lambda kv: str(kv[0]))
-            ]
-    return [Series(uid, members)]
+    try:
+        found = volumes.split_volumes(members)
+    except Unresolved as exc:
+        return [Series(uid, members, problem=Problem("unresolved_4d", str(exc)))]
+    if len(found) == 1 and found[0].label is None:
+        return [Series(uid, found[0].planes)]
+    return [
+        Series(
+            f"{uid}#{v.label}", v.planes, split_by=v.split_by, keys=v.keys, n_volumes=len(found)
+        )  # fmt: skip
+        for v in found
+    ]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -488,13 +628,16 @@ def check_series(
     return problems
 
 
-def sort_and_check(series: Series, min_slices: int = 2, gap_factor: float = 1.5) -> np.ndarray:
+def sort_and_check(
+    series: Series, min_slices: int = 2, gap_factor: float = 1.5, max_tilt_deg: float = 0.05
+) -> np.ndarray:
     """Sort slices along the normal in place; return the positions along it.
 
     Raises SeriesError for too few slices, duplicate positions, a gap over ``gap_factor`` x the
-    median, or gantry tilt.
+    median, or gantry tilt over ``max_tilt_deg``. (Ingestion and prediction decide through
+    :class:`medml.ingest.checks.SeriesChecks`, which applies the policies as well.)
     """
-    problems = check_series(series, min_slices, gap_factor)
+    problems = check_series(series, min_slices, gap_factor, max_tilt_deg)
     if problems:
         raise SeriesError(problems[0].reason, problems[0].case)
     return np.array([float(s.position @ slice_normal(s.orientation)) for s in series.slices])
@@ -516,15 +659,34 @@ def _native_plane(header: Header, blob: bytes) -> np.ndarray | None:
         return None
     signed = int(header.get("PixelRepresentation", 0)) == 1
     bits = int(header.BitsAllocated)
-    stored_bits = int(header.get("BitsStored", bits))
-    if signed and stored_bits != bits:
-        return None  # needs sign extension: pydicom does it
     rows, cols = int(header.Rows), int(header.Columns)
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
     n = rows * cols * dtype.itemsize
     if start + n > len(blob):
         raise SeriesError("unreadable DICOM: pixel data shorter than Rows x Columns", "unreadable")
-    return np.frombuffer(blob, dtype, count=rows * cols, offset=start).reshape(rows, cols)
+    words = np.frombuffer(blob, dtype, count=rows * cols, offset=start).reshape(rows, cols)
+    return stored_values(words, header)
+
+
+def stored_values(words: np.ndarray, header: Header) -> np.ndarray:
+    """The values of raw pixel words: bits above BitsStored dropped, signed values extended
+    from their top stored bit (PS3.5 8.1.1: bits outside BitsStored are not part of the value,
+    an overlay or garbage). Returns ``words`` itself (no copy) where all bits are stored."""
+    bits = words.dtype.itemsize * 8
+    stored = int(header.get("BitsStored", bits) or bits)
+    high_bit = header.get("HighBit")
+    high = int(high_bit) if high_bit is not None else stored - 1
+    if stored >= bits and high == bits - 1:
+        return words
+    shift = max(high + 1 - stored, 0)
+    unsigned = words.view(f"<u{bits // 8}")
+    values = (unsigned >> shift) & ((1 << stored) - 1) if shift else unsigned & ((1 << stored) - 1)
+    if words.dtype.kind != "i":
+        return values.astype(words.dtype, copy=False)
+    sign = 1 << (stored - 1)
+    wide = values.astype(np.int32)
+    wide -= (wide & sign) << 1  # two's complement at the top stored bit
+    return wide.astype(words.dtype)
 
 
 def _decoded_frames(blob: bytes) -> np.ndarray:
@@ -543,19 +705,31 @@ def _value_range(s: Slice, slope: float, intercept: float) -> tuple[float, float
     return min(ends), max(ends)
 
 
+def _file_planes(s: Slice, blob: bytes) -> np.ndarray:
+    """Stored values of every frame of ``s``'s file, ``(frames, rows, cols)``: a view into the
+    file bytes where the layout allows, pydicom's decoder otherwise."""
+    plane = None if s.frame is not None else _native_plane(s.header, blob)
+    return plane[None] if plane is not None else _decoded_frames(blob)
+
+
+def _plane(s: Slice, frames: np.ndarray) -> np.ndarray:
+    if s.tile is not None:
+        return mosaic.cut_tile(frames[0], s.header["_mosaic"]["n"], s.tile)
+    return frames[s.frame or 0]
+
+
 def _planes(series: Series, blobs: dict[Path, bytes]) -> list[np.ndarray]:
     """Stored values of every slice: views into the file bytes where the layout allows."""
-    decoded: dict[Path, np.ndarray] = {}
+    by_file: dict[Path, np.ndarray] = {}
     planes = []
     for s in series.slices:
         if s.path not in blobs:
             blobs[s.path] = s.path.read_bytes()
-        plane = None if s.frame is not None else _native_plane(s.header, blobs[s.path])
-        if plane is None:
-            if s.path not in decoded:
-                decoded[s.path] = _decoded_frames(blobs[s.path])
-            plane = decoded[s.path][s.frame or 0]
-        planes.append(plane)
+        if s.path not in by_file:
+            by_file[s.path] = _file_planes(s, blobs[s.path])
+        planes.append(_plane(s, by_file[s.path]))
+    if len({p.shape for p in planes}) != 1:
+        raise SeriesError("internal check: planes of different matrix size in one volume")
     return planes
 
 
@@ -617,7 +791,4 @@ def lps_affine(series: Series) -> np.ndarray:
 
 def pixel_digest(s: Slice, blob: bytes) -> bytes:
     """Stored pixel bytes of one plane, for telling identical duplicates from conflicting ones."""
-    plane = None if s.frame is not None else _native_plane(s.header, blob)
-    if plane is None:
-        plane = _decoded_frames(blob)[s.frame or 0]
-    return np.ascontiguousarray(plane).tobytes()
+    return np.ascontiguousarray(_plane(s, _file_planes(s, blob))).tobytes()

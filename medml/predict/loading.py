@@ -1,7 +1,8 @@
 """Read one prediction input (NIfTI file or DICOM series folder) as canonical RAS data.
 
-The same readers and checks as ingestion, so a scan is seen the same way in training and
-in production; nothing identifying is kept (only voxels and geometry).
+The same readers and the same checks as ingestion (:class:`medml.ingest.checks.SeriesChecks`,
+built from ``settings.ingest``), so a scan is accepted or refused, and seen, the same way in
+training and in production; nothing identifying is kept (only voxels and geometry).
 """
 
 from __future__ import annotations
@@ -13,26 +14,53 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from medml.config import IngestConfig
 from medml.ingest import dicom, nifti
+from medml.ingest.checks import SeriesChecks
 
 
-def load_input(path: str | Path) -> tuple[MetaTensor, str]:
-    """Channel-first MetaTensor (with its RAS affine) and a content-derived scan id."""
+def _checks(checks: SeriesChecks | IngestConfig | None) -> SeriesChecks:
+    if isinstance(checks, IngestConfig):
+        return SeriesChecks.from_config(checks)
+    return checks or SeriesChecks()
+
+
+def load_dicom_folder(path: Path, checks: SeriesChecks) -> tuple[np.ndarray, np.ndarray]:
+    """The one image series in ``path``, judged as ingestion judges it: files that ingestion
+    would skip or quarantine are left out, then the series must pass the same checks."""
+    slices, refused = [], []
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        try:
+            header = dicom.read_header(f)
+        except Exception:
+            continue
+        problem = dicom.classify(header)
+        if problem is not None and checks.action(problem.case) != "convert":
+            refused.append(f"{f.name}: {problem.reason}")
+            continue
+        slices.append(dicom.Slice(f, header))
+    groups = dicom.group_series(slices)
+    if len(groups) != 1:
+        why = f" ({refused[0]})" if refused and not groups else ""
+        raise ValueError(f"{path}: expected one DICOM image volume, found {len(groups)}{why}")
+    verdict = checks.judge(groups[0])
+    if verdict.action != "convert":
+        raise ValueError(f"{path}: {verdict.reason}")
+    return dicom.load_volume(groups[0])
+
+
+def load_input(
+    path: str | Path, checks: SeriesChecks | IngestConfig | None = None
+) -> tuple[MetaTensor, str]:
+    """Channel-first MetaTensor (with its RAS affine) and a content-derived scan id.
+
+    ``checks`` (or the IngestConfig to build them from) decide which DICOM series are accepted;
+    pass ``settings.ingest`` so prediction refuses exactly what ingestion refuses. The default
+    is IngestConfig's defaults.
+    """
     path = Path(path)
     if path.is_dir():
-        slices = []
-        for f in sorted(p for p in path.iterdir() if p.is_file()):
-            try:
-                header = dicom.read_header(f)
-            except Exception:
-                continue
-            if dicom.image_problem(header) is None:
-                slices.append(dicom.Slice(f, header))
-        groups = dicom.group_series(slices)
-        if len(groups) != 1:
-            raise ValueError(f"{path}: expected one DICOM image series, found {len(groups)}")
-        dicom.sort_and_check(groups[0], min_slices=2)
-        data, affine = dicom.load_volume(groups[0])
+        data, affine = load_dicom_folder(path, _checks(checks))
     elif path.is_file() and nifti.is_nifti_name(path):
         data, affine = nifti.load_nifti(path)
     else:
