@@ -321,6 +321,11 @@ class PrototypeConfig(_Strict):
     rule_options: dict[str, float] = Field(
         default_factory=dict, description="knn: k; kmeans: per_class; linear: C"
     )
+    fit_temperature: bool = Field(
+        False,
+        description="fit the temperature of the rule by maximum likelihood on the val split "
+        "(train-split prototypes) when evaluating and packaging",
+    )
 
     @model_validator(mode="after")
     def _known_rule(self) -> PrototypeConfig:

@@ -113,3 +113,30 @@ def test_train_folds_packs_one_model_per_fold(tmp_path, ingested, tiny_settings)
     result = train(settings, ws, progress=False)
     encoder = load_encoder(settings.model, result.checkpoint)
     assert isinstance(encoder, EnsembleEncoder) and len(encoder.members) == 2
+
+
+def test_flips_are_switched_off_where_classes_are_left_and_right(tmp_path):
+    import numpy as np
+
+    from medml.config import load_settings
+    from medml.importers import ImportedScan, store
+    from medml.planning import resolve
+
+    recipe = load_settings("configs/medmnist3d.yaml")
+    assert recipe.augment.flip_lr and recipe.model.tta_flips
+
+    def workspace(name, labels):
+        ws = Workspace(tmp_path / name)
+        scans = [
+            ImportedScan(f"s{i}", np.full((4, 4, 4), i, np.uint8), np.eye(4), label, "train",
+                         "CT", "test")
+            for i, label in enumerate(labels)
+        ]  # fmt: skip
+        store(ws, scans, "test")
+        return ws
+
+    organs = resolve(recipe, workspace("organs", ["kidney-left", "kidney-right", "liver"]))
+    assert not organs.augment.flip_lr and organs.augment.flip_axes == []
+    assert organs.model.tta_flips == []
+    glands = resolve(recipe, workspace("glands", ["normal", "hyperplasia"]))
+    assert glands.augment == recipe.augment and glands.model.tta_flips == recipe.model.tta_flips

@@ -81,3 +81,17 @@ def test_every_rule_fits_predicts_and_orders_classes_like_the_prototypes(name):
     decision = protos.decide(emb, k=0)
     assert np.allclose(decision.probs.sum(axis=1), 1)
     assert np.mean(np.array(decision.names) == labels) > 0.9, name
+
+
+def test_temperature_fit_recovers_the_temperature_that_generated_the_labels():
+    from medml.fewshot.rules import fit_temperature
+
+    rng = np.random.default_rng(0)
+    centroids = _unit([1, 0], [0, 1])
+    rule = make_rule("centroid-prior").fit(centroids.repeat(5, axis=0), ["a"] * 5 + ["b"] * 5)
+    x = _unit(*rng.normal(0, 1, (4000, 2)))
+    rule.temperature = 0.25
+    p = rule.probabilities(x)
+    labels = np.where(rng.random(len(x)) < p[:, 0], "a", "b")
+    rule.temperature = 0.05  # a wrong start
+    assert fit_temperature(rule, x, labels) == pytest.approx(0.25, rel=0.1)

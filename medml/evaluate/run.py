@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pandas as pd
 from medml.catalog import Catalog
 from medml.config import EvaluateConfig, PreprocessConfig, Settings
 from medml.evaluate.run_figures import log_figures
-from medml.fewshot.rules import RuleChoice, select_rule
+from medml.fewshot.rules import RuleChoice, fit_temperature, make_rule, select_rule
 from medml.metrics import centroid_metrics, fewshot_episodes, retrieval_metrics
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import Embedded, embed_scans
@@ -110,15 +111,20 @@ def evaluate_run(
     settings = resolve(settings, ws)  # as training saw them
     encoder = load_encoder(settings.model, checkpoint)
     embedded: dict[str, Embedded] = {}
-    rule = choose_rule(encoder, settings, ws)
-    pc = settings.prototypes
+    setup = decision_setup(encoder, settings, ws)
     metrics = evaluate_encoder(
-        encoder, ws, settings.preprocess, settings.evaluate, keep=embedded, rule=rule,
-        rule_options=pc.rule_options, temperature=pc.temperature,
+        encoder, ws, settings.preprocess, settings.evaluate, keep=embedded, rule=setup.rule,
+        rule_options=settings.prototypes.rule_options, temperature=setup.temperature,
     )  # fmt: skip
+    metrics["decision_temperature"] = setup.temperature
     split = metrics["split"]
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         mlflow.log_metrics(flat_metrics(metrics, f"{split}_"))
+        mlflow.set_tags(
+            {"medml.decision_rule": setup.rule, "medml.decision_temperature": setup.temperature}
+        )
+        for name, scores in setup.scores.items():  # rule: auto, each candidate on val
+            mlflow.log_metrics({f"rule_val_{name}_{k}": v for k, v in scores.items()})
         if figures:
             log_figures(settings, ws, embedded["train"], embedded[split], split)
     return {"run_id": run_id, **metrics}
@@ -138,25 +144,35 @@ def prediction_accuracy(predictions_csv: str | Path, truth: dict[str, str]) -> f
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def choose_rule(encoder: Encoder, settings: Settings, ws: Workspace) -> str:
-    """``prototypes.rule``, or with ``auto`` the candidate with the best accuracy on the
-    validation split (train-split prototypes): never chosen on the evaluated split."""
+@dataclass(frozen=True)
+class DecisionSetup:
+    """How training-split prototypes decide: the rule and its temperature, fitted on val."""
+
+    rule: str
+    temperature: float
+    scores: dict[str, dict[str, float]]  # validation scores of each candidate (rule: auto)
+
+
+def decision_setup(encoder: Encoder, settings: Settings, ws: Workspace) -> DecisionSetup:
+    """``prototypes.rule`` (with ``auto``: the candidate with the best validation accuracy)
+    and its temperature (with ``prototypes.fit_temperature``: maximum likelihood on the
+    validation split). Train-split prototypes, never the evaluated split."""
     pc = settings.prototypes
-    if pc.rule != "auto":
-        return pc.rule
-    return select_rule_on_catalog(encoder, settings, ws).name
-
-
-def select_rule_on_catalog(encoder: Encoder, settings: Settings, ws: Workspace) -> RuleChoice:
-    """Each of ``prototypes.rule_candidates`` fitted on the train split and scored on the val
-    split; nearest centroid when the catalog has no validation scans."""
-    catalog, pc = Catalog(ws.catalog_url), settings.prototypes
-    size, pp = settings.evaluate.batch_size, settings.preprocess
+    if pc.rule != "auto" and not pc.fit_temperature:
+        return DecisionSetup(pc.rule, pc.temperature, {})
+    catalog, size, pp = Catalog(ws.catalog_url), settings.evaluate.batch_size, settings.preprocess
     train = embed_scans(encoder, ws, pp, catalog.list_scans("train", class_set="base"), size)
     val = embed_scans(encoder, ws, pp, catalog.list_scans("val", class_set="base"), size)
     if len(val) == 0 or len(set(train.labels.tolist())) < 2:
-        return RuleChoice("centroid", {})
-    return select_rule(
-        train.emb, train.labels, val.emb, val.labels, pc.rule_candidates, pc.temperature,
-        pc.rule_options,
-    )  # fmt: skip
+        return DecisionSetup("centroid" if pc.rule == "auto" else pc.rule, pc.temperature, {})
+    choice = RuleChoice(pc.rule, {})
+    if pc.rule == "auto":
+        choice = select_rule(
+            train.emb, train.labels, val.emb, val.labels, pc.rule_candidates, pc.temperature,
+            pc.rule_options,
+        )  # fmt: skip
+    temperature = pc.temperature
+    if pc.fit_temperature:
+        rule = make_rule(choice.name, pc.temperature, **pc.rule_options)
+        temperature = fit_temperature(rule.fit(train.emb, train.labels), val.emb, val.labels)
+    return DecisionSetup(choice.name, temperature, choice.scores)

@@ -227,3 +227,30 @@ def select_rule(
         key=lambda n: (scores[n]["accuracy"], scores[n].get("auroc", 0.0), -order[n]),
     )
     return RuleChoice(best, scores)
+
+
+def fit_temperature(
+    rule: DecisionRule, emb: np.ndarray, labels: Sequence[str], bounds=(1e-3, 10.0)
+) -> float:
+    """The temperature minimising the rule's negative log-likelihood of ``labels`` (maximum
+    likelihood, bounded 1-D search over log T, as temperature scaling does); set on the rule.
+
+    Labels the rule does not know are left out. With a prior-corrected centroid this also
+    places the decision threshold: the prior shifts logits that the temperature scales.
+    """
+    from scipy.optimize import minimize_scalar
+
+    known = [i for i, v in enumerate(labels) if str(v) in rule.classes]
+    if not known:
+        return rule.temperature
+    x = np.asarray(emb)[known]
+    y = np.array([rule.classes.index(str(labels[i])) for i in known])
+
+    def nll(log_t: float) -> float:
+        rule.temperature = float(np.exp(log_t))
+        p = rule.probabilities(x)[np.arange(len(y)), y]
+        return float(-np.log(np.clip(p, 1e-12, None)).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    rule.temperature = float(np.exp(res.x))
+    return rule.temperature

@@ -9,6 +9,7 @@ planned for it, an explicit modality other than CT no planned window.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from medml.catalog import Catalog
@@ -63,6 +64,7 @@ def _filled(model: Any, cls: type, fills: dict[str, Any]) -> Any:
 def resolve(settings: Settings, ws: Workspace, plans: Plans | None = None) -> Settings:
     """``settings`` with preprocessing defaults and ``train.batch_size`` from the workspace's
     plans wherever the config left them unset; unchanged when there are no plans."""
+    settings = respect_laterality(settings, ws)
     plans = plans or read_plans(ws)
     if plans is None:
         return settings
@@ -89,3 +91,27 @@ def _warn_if_stale(ws: Workspace, plans: Plans) -> None:
             ws.root / "plans.json",
             plans.created,
         )
+
+
+LATERAL = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def respect_laterality(settings: Settings, ws: Workspace) -> Settings:
+    """No flips where a flip changes the answer: when class names are lateral (``kidney-left``
+    / ``kidney-right``), training flips and test-time flips are switched off, whatever the
+    config says (a flipped left kidney is a right one), with a warning. Without a catalog,
+    or with no lateral class, the settings are unchanged."""
+    aug, model = settings.augment, settings.model
+    if not (aug.flip_lr or aug.flip_axes or model.tta_flips) or not catalog_exists(ws):
+        return settings
+    names = {s["label"] for s in Catalog(ws.catalog_url).list_scans()}
+    lateral = sorted(n for n in names if n and LATERAL.search(str(n)))
+    if not lateral:
+        return settings
+    log.warning("classes %s are lateral: flips switched off (they would swap them)", lateral)
+    return settings.model_copy(
+        update={
+            "augment": aug.model_copy(update={"flip_lr": False, "flip_axes": []}),
+            "model": model.model_copy(update={"tta_flips": []}),
+        }
+    )

@@ -17,7 +17,7 @@ import yaml
 import medml
 from medml.catalog import Catalog
 from medml.config import Settings
-from medml.evaluate.run import choose_rule
+from medml.evaluate.run import decision_setup
 from medml.fewshot.prototypes import Prototypes, build_prototypes
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import embed_scans
@@ -66,9 +66,9 @@ def package_run(run_id: str, settings: Settings, ws: Workspace, checkpoint: Path
     scans = Catalog(ws.catalog_url).list_scans("train", class_set="base")
     train = embed_scans(encoder, ws, settings.preprocess, scans, settings.evaluate.batch_size)
     pc = settings.prototypes
-    rule = choose_rule(encoder, settings, ws)
+    setup = decision_setup(encoder, settings, ws)
     protos = build_prototypes(
-        train.emb, train.labels, pc.temperature, pc.unknown_threshold, rule=rule,
+        train.emb, train.labels, setup.temperature, pc.unknown_threshold, rule=setup.rule,
         rule_options=pc.rule_options,
     )  # fmt: skip
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
