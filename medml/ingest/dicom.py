@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -148,12 +149,17 @@ def _private_value(value: Any) -> Any:
     return _plain(value)
 
 
+FIELD_BY_TAG = {int(tag_for_keyword(name)): name for name in HEADER_FIELDS}
+
+
 def compact_header(ds: pydicom.Dataset) -> Header:
     """A :class:`Header` from a Dataset read by :func:`read_header` (frames expanded)."""
     h = Header()
-    for name in HEADER_FIELDS:
-        if name in ds:
-            value = ds[name].value
+    # the tags present (iterating a Dataset itself would convert every element)
+    for tag in ds.keys():  # noqa: SIM118
+        name = FIELD_BY_TAG.get(tag)
+        if name is not None:
+            value = ds[tag].value
             if value not in (None, ""):
                 h[name] = _plain(value)
     maker = str(h.get("Manufacturer", "")).upper()
