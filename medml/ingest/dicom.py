@@ -263,18 +263,19 @@ class Slice:
 
     @property
     def container(self) -> tuple | None:
-        """The multi-plane object this plane comes from and, for an enhanced object, its
-        dimension index without the in-stack position (None for a one-plane file)."""
-        sop = self.header.get("SOPInstanceUID") or str(self.path)
+        """What groups this plane before any header key: its mosaic file, or for a frame of an
+        enhanced object its dimension index without the in-stack position (frames of several
+        files with one index, e.g. one frame per file, form one stack); None for a plain file.
+        """
         if self.tile is not None:
-            return ("mosaic", sop)
+            return ("mosaic", self.header.get("SOPInstanceUID") or str(self.path))
         if self.frame is not None:
             dims = (self.geometry or {}).get("DimensionIndexValues")
             keep = self.header.get("_dim_positions") or []
             if dims is not None:
                 dims = dims if isinstance(dims, list) else [dims]  # VM 1 reads as a number
                 dims = tuple(dims[i] for i in keep if i < len(dims))
-            return ("frames", sop, dims)
+            return ("frames", dims)
         return None
 
 
