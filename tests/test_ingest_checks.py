@@ -88,3 +88,17 @@ def test_a_grouping_bug_becomes_a_quarantine_not_a_volume(tmp_path):
     assert verdict == verdict.__class__(
         "quarantine", "internal check: slice positions are not evenly spaced"
     )
+
+
+def test_colour_images_are_quarantined_whatever_on_derived_says(tmp_path):
+    rgb = np.repeat(phantom(3, 8, 6, seed=5)[..., None], 3, axis=-1)  # (slice, row, col, RGB)
+    colour = {"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB", "PlanarConfiguration": 0}
+    spec = SeriesSpec(rgb.reshape(3, 8, 18), modality="MR", extra={**colour, "Columns": 6})
+    write_series(spec, tmp_path / "src" / "rgb")
+    rows, report = _ingest(
+        tmp_path / "src", tmp_path, IngestConfig(workers=1, on_derived="convert")
+    )
+    assert rows == []
+    assert {f["status"] for f in report["files"]} == {"quarantined"}
+    assert all(f["reason"].startswith("unsupported DICOM: colour image (RGB, 3 samples")
+               for f in report["files"])  # fmt: skip

@@ -30,6 +30,7 @@ from medml.ingest.fixtures import (
     phantom,
     volume_data,
     write_classic_4d,
+    write_enhanced,
     write_enhanced_4d,
     write_mosaic,
     write_series,
@@ -291,3 +292,19 @@ def test_instance_order_is_no_evidence_without_instance_numbers(tmp_path):
     assert all(
         f["reason"].startswith("4D series: 4 positions x 3 volumes") for f in report["files"]
     )
+
+
+def test_enhanced_objects_of_one_frame_each_form_one_volume(tmp_path):
+    """Exports that write each slice as its own one-frame enhanced object (Siemens XA
+    interoperability-style): one stack across files, not one single-slice scan per file."""
+    uid = pydicom.uid.generate_uid()
+    for k in range(4):
+        spec = _spec(n=1, seed=k, series_uid=uid, origin=(-100.0, -80.0, 40.0 + 2.5 * k))
+        path = write_enhanced(spec, tmp_path / "src" / "xa" / f"{k}.dcm")
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.save_as(path)
+    ours, report = _ours(tmp_path / "src", Workspace(tmp_path / "ws"))
+    assert len(ours) == 1 and ours[0][0].shape == (10, 12, 4), report
+    assert_same_volumes(ours, _dcm2niix(tmp_path / "src" / "xa", tmp_path / "d2n"), "XA 1-frame")

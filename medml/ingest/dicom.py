@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -148,12 +149,17 @@ def _private_value(value: Any) -> Any:
     return _plain(value)
 
 
+FIELD_BY_TAG = {int(tag_for_keyword(name)): name for name in HEADER_FIELDS}
+
+
 def compact_header(ds: pydicom.Dataset) -> Header:
     """A :class:`Header` from a Dataset read by :func:`read_header` (frames expanded)."""
     h = Header()
-    for name in HEADER_FIELDS:
-        if name in ds:
-            value = ds[name].value
+    # the tags present (iterating a Dataset itself would convert every element)
+    for tag in ds.keys():  # noqa: SIM118
+        name = FIELD_BY_TAG.get(tag)
+        if name is not None:
+            value = ds[tag].value
             if value not in (None, ""):
                 h[name] = _plain(value)
     maker = str(h.get("Manufacturer", "")).upper()
@@ -257,18 +263,19 @@ class Slice:
 
     @property
     def container(self) -> tuple | None:
-        """The multi-plane object this plane comes from and, for an enhanced object, its
-        dimension index without the in-stack position (None for a one-plane file)."""
-        sop = self.header.get("SOPInstanceUID") or str(self.path)
+        """What groups this plane before any header key: its mosaic file, or for a frame of an
+        enhanced object its dimension index without the in-stack position (frames of several
+        files with one index, e.g. one frame per file, form one stack); None for a plain file.
+        """
         if self.tile is not None:
-            return ("mosaic", sop)
+            return ("mosaic", self.header.get("SOPInstanceUID") or str(self.path))
         if self.frame is not None:
             dims = (self.geometry or {}).get("DimensionIndexValues")
             keep = self.header.get("_dim_positions") or []
             if dims is not None:
                 dims = dims if isinstance(dims, list) else [dims]  # VM 1 reads as a number
                 dims = tuple(dims[i] for i in keep if i < len(dims))
-            return ("frames", sop, dims)
+            return ("frames", dims)
         return None
 
 

@@ -31,7 +31,18 @@ def is_mosaic(ds) -> bool:
 
 
 def mosaic_info(ds) -> dict[str, Any]:
-    """``{"n": tiles, "normal": [x, y, z]}`` from the CSA header, or ``{"error": why}``."""
+    """``{"n": tiles, "normal": [x, y, z]}`` from the CSA header, or ``{"error": why}``.
+
+    Parsed once per Dataset (classification and the compact header both ask).
+    """
+    cached = getattr(ds, "_medml_mosaic_info", None)
+    if cached is None:
+        cached = _mosaic_info(ds)
+        object.__setattr__(ds, "_medml_mosaic_info", cached)
+    return cached
+
+
+def _mosaic_info(ds) -> dict[str, Any]:
     csa = None
     if CSA_IMAGE_HEADER in ds:
         try:

@@ -6,13 +6,13 @@ several stacks of one enhanced object, the files of a mosaic time series), or a 
 cannot be resolved with certainty; the last is an :class:`Unresolved` error whose message names
 what was found, and becomes a quarantine, never a volume.
 
-Volumes are told apart as dcm2niix does (nii_dicom_batch.cpp): first by container (each
-enhanced object's DimensionIndexValues without the in-stack position; each mosaic file), then
+Volumes are told apart as dcm2niix does (nii_dicom_batch.cpp): first by container (enhanced
+frames by their DimensionIndexValues without the in-stack position; each mosaic file), then
 by the first header key, or pair of keys, that partitions the planes into equal complete stacks
-(echo number, temporal position, Philips private phase / gradient numbers, trigger time, b-value
-and gradient direction, acquisition number, echo time), and as a last resort by a regular repeat
-of the positions in instance order (every volume the same positions in the same order; only
-where every plane has its own InstanceNumber).
+(file, echo number, temporal position, Philips private phase / gradient numbers, trigger time,
+b-value and gradient direction, acquisition number, echo time), and as a last resort by a
+regular repeat of the positions in instance order (every volume the same positions in the same
+order; only where every plane has its own InstanceNumber).
 
 :func:`verify_stack` is the invariant every output volume must satisfy, however it was grouped:
 one series, one orientation, one matrix, one set of frame keys, one plane per position, evenly
@@ -71,6 +71,7 @@ def _diffusion(s: Plane) -> Hashable:
 
 # Keys that tell the volumes of a classic 4D series apart, tried in this order.
 KEYS: dict[str, Callable[[Plane], Hashable]] = {
+    "File": lambda s: s.key_value("SOPInstanceUID"),  # each enhanced file one volume
     "EchoNumbers": lambda s: s.key_value("EchoNumbers"),
     "TemporalPositionIdentifier": lambda s: s.key_value("TemporalPositionIdentifier"),
     "TemporalPositionIndex": lambda s: s.key_value("TemporalPositionIndex"),
@@ -132,13 +133,23 @@ def split_volumes(members: list[Plane]) -> list[Volume]:
     out = []
     for container, group in sorted(by_container.items(), key=lambda kv: str(kv[0])):
         # named by the container itself, so adding or removing files renames no other volume
-        name = "/".join(str(part) for part in (container or ("single-frame",))[1:])
+        name = _container_name(container)
         for vol in _split_group(group, normal):
             vol.split_by = CONTAINER if vol.split_by is None else f"{CONTAINER}+{vol.split_by}"
             vol.label = name if vol.label is None else f"{name}/{vol.label}"
             vol.keys[CONTAINER] = container
             out.append(vol)
     return out
+
+
+def _container_name(container: Hashable | None) -> str:
+    """``plain``, ``dims=1.2.0`` (an enhanced dimension index) or a mosaic's SOPInstanceUID."""
+    if not isinstance(container, tuple):
+        return "plain"
+    kind, value = container[0], container[1]
+    if kind == "frames":
+        return "dims=" + (".".join(map(str, value)) if value is not None else "none")
+    return str(value)
 
 
 def _split_group(members: list[Plane], normal: np.ndarray) -> list[Volume]:
