@@ -27,6 +27,8 @@ Backbone = Annotated[str, _registered("medml.models.backbones", "BACKBONES")]
 LossName = Annotated[str, _registered("medml.losses.registry", "LOSSES")]
 RuleName = Annotated[str, _registered("medml.fewshot.rules", "RULES")]
 
+from medml.pacs.config import PacsConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -400,6 +402,7 @@ class Settings(_Strict):
     prototypes: PrototypeConfig = PrototypeConfig()
     predict: PredictConfig = PredictConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    pacs: PacsConfig = PacsConfig()  # medml/pacs/config.py: the PACS source and write-back
 
     @model_validator(mode="after")
     def _fold_ensemble(self) -> Settings:
