@@ -124,3 +124,107 @@ def test_a_pacs_that_is_down(protocol):
     with pytest.raises(PacsUnavailable, match="unavailable: .* failed 3 times; last error"):
         open_source(cfg).search("19000101")
     assert time.monotonic() - start >= 0.05 + 0.1  # it waited between attempts
+
+
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_dimse_find_and_retrieve(pacs, studies, tmp_path, retrieve):
+    for files in studies[:2]:
+        pacs.upload(files)
+    source = open_source(config(pacs, protocol="dimse", retrieve=retrieve))
+    refs = source.search("19000101")
+    wanted = {str(header(f).SeriesInstanceUID): f for f in studies[:2]}
+    assert {r.series_uid for r in refs} == set(wanted)
+    assert all(r.n_instances == len(wanted[r.series_uid]) for r in refs)
+    assert source.search("29990101") == []
+    ref = refs[-1]
+    folder = pull_series(source, ref, tmp_path / "run", "k")
+    assert uids(folder.iterdir()) == uids(wanted[ref.series_uid])
+
+
+def push(port: int, files: list[Path], abort: bool = False) -> list[int]:
+    """Send files with a pynetdicom storage SCU; return the statuses."""
+    from pynetdicom import AE, StoragePresentationContexts
+
+    ae = AE(ae_title="SCANNER")
+    ae.requested_contexts = StoragePresentationContexts
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDML")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in files]
+    assoc.abort() if abort else assoc.release()
+    return statuses
+
+
+def test_receiver_hands_on_each_quiet_study_with_every_instance(studies, tmp_path):
+    from medml.pacs.receiver import StoreReceiver
+
+    keys = KeyMaker(b"test-secret")
+    got = []
+    receiver = StoreReceiver(
+        tmp_path / "inbox", keys, got.append, host="127.0.0.1", port=0, quiet_s=0.5
+    )
+    with receiver:
+        a, b = studies[0], studies[1]
+        half = len(a) // 2
+        assert push(receiver.port, a[:half]) == [0] * half  # one study over two associations
+        assert push(receiver.port, a[half:] + b) == [0] * (len(a) - half + len(b))
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(got) == 2
+    by_key = {r.study_key: r for r in got}
+    for files in (a, b):
+        receipt = by_key[keys.key("study", str(header(files).StudyInstanceUID))]
+        assert receipt.stored == len(files) and receipt.failed == 0 and not receipt.aborted
+        assert receipt.folder.parent.parent == tmp_path / "inbox"
+        assert receipt.folder.name == receipt.study_key
+        assert uids(receipt.folder.iterdir()) == uids(files)
+    assert receiver.totals == {"received": len(a) + len(b), "stored": len(a) + len(b),
+                               "failed": 0, "studies": 2}  # fmt: skip
+    assert not list((tmp_path / "inbox" / ".partial").iterdir())
+
+
+def test_push_to_medml_listen_is_ingested(studies, tmp_path):
+    """`medml listen` as a process: a pushed study is ingested once quiet, raw files removed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from medml.catalog import Catalog
+    from medml.ingest.deid import load_secret
+    from medml.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    port = local.free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "medml.cli", "listen", "--workspace", str(ws.root)]
+    cmd += ["--port", str(port), "--quiet", "0.5", "--studies", "1"]
+    cmd += ["--set", "pacs.listen_host=127.0.0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # wait for the port to accept associations
+            try:
+                statuses = push(port, studies[2])
+                break
+            except AssertionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.3)
+        assert statuses == [0] * len(studies[2])
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    totals = json.loads(out.strip().splitlines()[-1])
+    n = len(studies[2])
+    assert totals == {"received": n, "stored": n, "failed": 0, "studies": 1}
+    keys = KeyMaker(load_secret(ws.secret_file))
+    scan_id = keys.key("series", str(header(studies[2]).SeriesInstanceUID))
+    assert Catalog(ws.catalog_url).get_scan(scan_id) is not None
+    assert ws.volume_path(scan_id).exists()
+    report = json.loads(max(ws.reports.glob("ingest-*.json")).read_text())
+    assert report["counts"]["files"] == n and report["counts"]["ingested"] == n
+    inbox = ws.root / "pacs" / "inbox"
+    assert not [p for p in inbox.rglob("*") if p.is_file()]  # raw DICOM gone after ingestion
