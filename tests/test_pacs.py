@@ -178,8 +178,8 @@ def test_receiver_hands_on_each_quiet_study_with_every_instance(studies, tmp_pat
         assert receipt.folder.parent.parent == tmp_path / "inbox"
         assert receipt.folder.name == receipt.study_key
         assert uids(receipt.folder.iterdir()) == uids(files)
-    assert receiver.totals == {"received": len(a) + len(b), "stored": len(a) + len(b),
-                               "failed": 0, "studies": 2}  # fmt: skip
+    n = len(a) + len(b)
+    assert receiver.totals == {"received": n, "stored": n, "failed": 0, "studies": 2}
     assert not list((tmp_path / "inbox" / ".partial").iterdir())
 
 
@@ -228,3 +228,194 @@ def test_push_to_medml_listen_is_ingested(studies, tmp_path):
     assert report["counts"]["files"] == n and report["counts"]["ingested"] == n
     inbox = ws.root / "pacs" / "inbox"
     assert not [p for p in inbox.rglob("*") if p.is_file()]  # raw DICOM gone after ingestion
+
+
+# ----------------------------------------------------------------------------- SR and the flow
+
+NAME = "medml-pacs"
+
+
+@pytest.fixture(scope="module")
+def model_ws(tmp_path_factory, ingested, tiny_settings):
+    """A workspace with a 1-epoch model registered as NAME@champion (prototypes from train)."""
+    import shutil
+
+    import numpy as np
+
+    from medml.fewshot.prototypes import select_support
+    from medml.fewshot.register import catalog_pairs, register_prototypes
+    from medml.tracking import configure
+    from medml.train import train
+    from medml.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("pacs-model")
+    shutil.copytree(ingested.root, root / "ws")
+    for sub in ("checkpoints", "mlartifacts"):
+        shutil.rmtree(root / "ws" / sub, ignore_errors=True)
+    (root / "ws" / "mlflow.db").unlink(missing_ok=True)
+    ws = Workspace(root / "ws").ensure()
+    settings = tiny_settings.model_copy(
+        update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
+    )
+    configure(ws)
+    trained = train(settings, ws, progress=False)
+    pairs = catalog_pairs(ws, "train")
+    picks = select_support([lab for _, lab in pairs], 2, np.random.default_rng(0))
+    register_prototypes(trained.model_uri, [pairs[i] for i in picks], NAME, "champion",
+                        workspace=ws)  # fmt: skip
+    return ws
+
+
+@pytest.fixture()
+def flow_ws(model_ws, tmp_path):
+    """A private copy of the model workspace (its catalog and ledger change here)."""
+    import shutil
+
+    from medml.workspace import Workspace
+
+    shutil.copytree(model_ws.root, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")
+
+
+def flow_settings(tiny_settings, server, **pacs):
+    p = config(server, **pacs).model_dump()
+    return tiny_settings.model_copy(
+        update={
+            "pacs": PacsConfig(**p),
+            "prototypes": tiny_settings.prototypes.model_copy(update={"model_name": NAME}),
+            "predict": tiny_settings.predict.model_copy(update={"workers": 0}),
+        }
+    )
+
+
+def sr_series(server) -> list[pydicom.Dataset]:
+    """Every SR instance on the PACS, retrieved over WADO-RS."""
+    client = DICOMwebClient(server.dicomweb_url)
+    found = client.search_for_series(search_filters={"Modality": "SR"})
+    out = []
+    for row in found:
+        ref = pydicom.Dataset.from_json(row)
+        out += client.retrieve_series(ref.StudyInstanceUID, ref.SeriesInstanceUID)
+    return out
+
+
+def test_sr_sent_with_c_store_reads_back(pacs, studies):
+    from medml.pacs.source import open_sender
+    from medml.pacs.sr import build_sr, read_sr
+
+    pacs.upload(studies[0])
+    evidence = [pydicom.dcmread(f, stop_before_pixels=True) for f in studies[0]]
+    row = {"scan_id": "s1", "predicted_class": "CT-2", "similarity": 0.75, "margin": 0.2,
+           "prob_CT-0": 0.1, "prob_CT-1": 0.2, "prob_CT-2": 0.7, "unknown": True}  # fmt: skip
+    sr = build_sr(evidence, [row], "m", "4", "key")
+    open_sender(config(pacs, protocol="dimse")).store([sr])
+    (back,) = sr_series(pacs)
+    said = read_sr(back)
+    assert said["series"] == {str(evidence[0].SeriesInstanceUID)}
+    assert said["study"] == str(evidence[0].StudyInstanceUID)
+    assert back.PatientID == evidence[0].PatientID  # filed with the patient's study
+    (group,) = said["groups"]
+    assert group["finding"] == "CT-2" and group["unknown"] is True
+    assert group["measurements"]["p-CT-2"] == pytest.approx(0.7)
+    assert group["instances"] == {str(ds.SOPInstanceUID) for ds in evidence}
+
+
+def test_scheduled_flow_end_to_end(pacs, studies, flow_ws, tiny_settings):
+    """A killed run resumes, a second run sends nothing new, a new study is picked up, and each
+    SR read back from Orthanc references its series and says what the ledger predicted."""
+    from flows.pacs import pacs_flow
+    from medml.pacs import pull as steps
+    from medml.pacs.ledger import PREDICTED, SENT, Ledger
+    from medml.pacs.sr import read_sr
+
+    ws = flow_ws
+    settings = flow_settings(tiny_settings, pacs)
+    for files in studies[:3]:
+        stow(pacs, files)
+    # A run killed after predicting, before sending: the ledger has the predictions.
+    from medml.tracking import configure
+
+    configure(ws)
+    model = steps.resolve_model(f"models:/{NAME}@champion")
+    pulled = steps.pull_new(settings.pacs, ws, model.key)
+    ingested = steps.ingest_pulled(pulled, ws, settings.ingest)
+    out = ws.reports / "pacs" / "killed.csv"
+    assert steps.predict_pulled(pulled, ingested, model, ws, settings.predict, out)["series"] == 3
+    ledger = Ledger(ws.catalog_url)
+    assert {e.state for e in ledger.entries(model.key).values()} == {PREDICTED}
+    assert ledger.watermark("pacs") is None and sr_series(pacs) == []
+
+    first = pacs_flow(settings=settings, workspace=str(ws.root))
+    assert (first["pulled"], first["predicted"], first["sent"]) == (3, 0, 3)  # resumed: sent only
+    dates = sorted(str(header(f).StudyDate) for f in studies[:3])
+    assert first["watermark"] == ledger.watermark("pacs") == dates[-1]
+
+    second = pacs_flow(settings=settings, workspace=str(ws.root))
+    assert (second["pulled"], second["sent"], second["already_done"]) == (0, 0, second["found"])
+    assert len(sr_series(pacs)) == 3
+
+    new = [pydicom.dcmread(f) for f in studies[3]]
+    for ds in new:  # a study of the watermark's day, arriving after the last run
+        ds.StudyDate = dates[-1]
+    DICOMwebClient(pacs.dicomweb_url).store_instances(new)
+    third = pacs_flow(settings=settings, workspace=str(ws.root))
+    assert (third["pulled"], third["predicted"], third["sent"]) == (1, 1, 1)
+
+    entries = ledger.entries(model.key)
+    assert len(entries) == 4 and {e.state for e in entries.values()} == {SENT}
+    assert all(e.sends == 1 for e in entries.values())
+    keys = steps.keymaker(ws)
+    for back in sr_series(pacs):
+        said = read_sr(back)
+        (series_uid,) = said["series"]
+        entry = entries[series_key(keys, series_uid)]
+        (group,) = said["groups"]
+        assert group["finding"] == entry.rows[0]["predicted_class"]
+        assert group["measurements"]["similarity"] == pytest.approx(entry.rows[0]["similarity"])
+        assert back.ContentSequence is not None and back.Manufacturer == "medml"
+    # de-identified workspace: no UID or patient attribute in the ledger, reports or results
+    secrets = {str(header(f).StudyInstanceUID) for f in studies} | {
+        str(header(f).PatientID) for f in studies
+    }
+    for path in [ws.catalog_url.removeprefix("sqlite:///"), *ws.reports.rglob("*.csv")]:
+        text = Path(path).read_bytes()
+        assert not any(s.encode() in text for s in secrets), path
+    assert not [p for p in (ws.root / "pacs" / "inbox").rglob("*") if p.is_file()]
+
+
+def test_write_back_off_sends_nothing(pacs, studies, flow_ws, tiny_settings):
+    from flows.pacs import pacs_flow
+
+    stow(pacs, studies[0])
+    settings = flow_settings(tiny_settings, pacs, write_back=False)
+    result = pacs_flow(settings=settings, workspace=str(flow_ws.root))
+    assert (result["predicted"], result["sent"]) == (1, 0)
+    assert sr_series(pacs) == []
+    assert result["watermark"] == str(header(studies[0]).StudyDate)
+
+
+def test_flow_with_the_pacs_down_keeps_the_watermark(flow_ws, tiny_settings):
+    from flows.pacs import pacs_flow
+    from medml.pacs.ledger import Ledger
+
+    port = local.free_port()
+    down = local.Orthanc(port, port, "ORTHANC", 0)
+    settings = flow_settings(tiny_settings, down)
+    with pytest.raises(PacsUnavailable, match="unavailable"):
+        pacs_flow(settings=settings, workspace=str(flow_ws.root))
+    assert Ledger(flow_ws.catalog_url).watermark("pacs") is None
+
+
+def test_serve_has_the_pacs_deployment_when_scheduled(tmp_path, tiny_settings):
+    from flows.serve import build_deployments
+    from medml.workspace import Workspace
+
+    cron = tiny_settings.model_copy(update={"pacs": PacsConfig(cron="*/10 * * * *")})
+    deps = {f"{d.flow_name}/{d.name}": d for d in build_deployments(cron, Workspace(tmp_path))}
+    pacs = deps["pacs/scheduled"]
+    assert pacs.schedules[0].schedule.cron == "*/10 * * * *"
+    assert pacs.entrypoint == "flows.pacs.pacs_flow"
+    assert pacs.parameters["settings"]["pacs"]["cron"] == "*/10 * * * *"
+    assert "pacs/scheduled" not in {
+        f"{d.flow_name}/{d.name}" for d in build_deployments(tiny_settings, Workspace(tmp_path))
+    }

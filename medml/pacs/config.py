@@ -54,7 +54,9 @@ class PacsConfig(BaseModel):
     timeout_s: float = Field(30.0, gt=0, description="one PACS request (HTTP or DIMSE)")
     retries: int = Field(3, ge=0, description="retries of a PACS that is down or refuses")
     retry_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per retry")
-    cron: str | None = Field("*/15 * * * *", description="medml serve: the pacs/scheduled flow")
+    cron: str | None = Field(
+        None, description="medml serve: schedule of the pacs flow, e.g. '*/15 * * * *' (none: off)"
+    )
     model_uri: str | None = Field(
         None, description="model URI [default: models:/<prototypes.model_name>@champion]"
     )
