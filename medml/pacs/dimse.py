@@ -7,6 +7,7 @@ must know as a modality), started for the duration of the retrieve.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,17 @@ IMAGE_STORAGE = [
     SecondaryCaptureImageStorage,
 ]
 PENDING = (0xFF00, 0xFF01)
+
+
+def no_delay(event: evt.Event) -> None:
+    """Send each PDU at once (TCP_NODELAY): a DIMSE message is several small writes, which
+    Nagle's algorithm would hold for the peer's delayed ACK (~40 ms per message)."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+NO_DELAY = (evt.EVT_CONN_OPEN, no_delay)
 
 
 class NoAssociation(ConnectionError):
@@ -80,8 +92,14 @@ class DimseSource:
         return ae
 
     @contextmanager
-    def _association(self, ae: AE, **kwargs) -> Iterator[Association]:
-        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_aet, **kwargs)
+    def _association(self, ae: AE, handlers: list | None = None, **kwargs) -> Iterator[Association]:
+        assoc = ae.associate(
+            self.cfg.host,
+            self.cfg.port,
+            ae_title=self.cfg.called_aet,
+            evt_handlers=[NO_DELAY, *(handlers or [])],
+            **kwargs,
+        )
         if not assoc.is_established:
             raise NoAssociation(
                 f"no association with {self.cfg.called_aet}@{self.cfg.host}:{self.cfg.port}"
@@ -127,7 +145,10 @@ class DimseSource:
                 query, StudyRootQueryRetrieveInformationModelFind
             ):
                 if not status:
-                    raise ConnectionError("C-FIND: no answer (association aborted or timed out)")
+                    raise ConnectionError(
+                        f"C-FIND: no answer (aborted or timed out; does the PACS know "
+                        f"{self.cfg.calling_aet} as a modality?)"
+                    )
                 if status.Status in PENDING and ident is not None:
                     answers.append(ident)
                 elif status.Status != 0x0000:
@@ -162,7 +183,7 @@ class DimseSource:
             ae.add_requested_context(sop)
         roles = [build_role(sop, scp_role=True) for sop in IMAGE_STORAGE]
         handlers = [(evt.EVT_C_STORE, writer)]
-        with self._association(ae, ext_neg=roles, evt_handlers=handlers) as assoc:
+        with self._association(ae, handlers, ext_neg=roles) as assoc:
             model = StudyRootQueryRetrieveInformationModelGet
             _check_retrieve("C-GET", assoc.send_c_get(self._identifier(ref), model))
 
@@ -173,7 +194,7 @@ class DimseSource:
         server = scp.start_server(
             (self.cfg.listen_host, self.cfg.listen_port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, writer)],
+            evt_handlers=[NO_DELAY, (evt.EVT_C_STORE, writer)],
         )
         try:
             ae = self._ae()

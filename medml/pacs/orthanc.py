@@ -122,8 +122,13 @@ def local_orthanc(
     cfg_path = folder / "orthanc.json"
     cfg_path.write_text(json.dumps(config, indent=1))
     log = (folder / "orthanc.log").open("ab")
+    env = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK: no Nagle delay per DIMSE message
     proc = subprocess.Popen(
-        [binary(), str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [binary(), str(cfg_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
     )
     server = Orthanc(http_port, dicom_port, "ORTHANC", proc.pid)
     try:

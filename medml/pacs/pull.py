@@ -25,7 +25,14 @@ from medml.pacs import inbox
 from medml.pacs.config import PacsConfig
 from medml.pacs.ledger import FAILED, PREDICTED, SENT, Ledger
 from medml.pacs.receiver import Receipt
-from medml.pacs.source import PacsError, PacsUnavailable, open_sender, open_source, series_key
+from medml.pacs.source import (
+    PacsError,
+    PacsUnavailable,
+    open_sender,
+    open_source,
+    redact,
+    series_key,
+)
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -129,8 +136,8 @@ def pull_new(
         except PacsUnavailable:
             raise
         except PacsError as exc:
-            log.warning("series %s not pulled: %s", key, exc)
-            result.failed.append({"key": key, "error": str(exc)})
+            log.warning("series %s not pulled: %s", key, redact(str(exc)))
+            result.failed.append({"key": key, "error": redact(str(exc))})
             continue
         result.series.append({"key": key, "folder": str(folder), "predicted": entry is not None})
     log.info(
@@ -276,46 +283,70 @@ def headers(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.glob("*.dcm"))]
 
 
+SEND_CHUNK = 50  # SRs per STOW-RS request / C-STORE association
+
+
 def send_reports(pulled: Pulled, model: Model, ws: Workspace, cfg: PacsConfig) -> dict[str, Any]:
     """Build and send one SR per predicted, unsent series of this run; record each send.
 
-    With ``pacs.write_back: false`` nothing is sent. Every series folder of the run is removed
-    afterwards, sent or not (a failed send is pulled and sent again next run)."""
+    SRs go in chunks (one STOW-RS request or C-STORE association each); a chunk the PACS
+    refuses is sent again one SR at a time, so each series gets its own outcome. With
+    ``pacs.write_back: false`` nothing is sent. Every series folder of the run is removed
+    afterwards, sent or not (a series whose send failed is pulled and sent again next run)."""
     from medml.pacs.sr import build_sr
 
     ledger = Ledger(ws.catalog_url)
-    sender = open_sender(cfg) if cfg.write_back else None
     entries = ledger.entries(model.key, [s["key"] for s in pulled.series])
-    sent, failures = 0, []
+    outcome: dict[str, str | None] = {}  # key -> error (None: sent)
     try:
-        for s in pulled.series:
+        built = []
+        for s in pulled.series if cfg.write_back else []:
             entry = entries.get(s["key"])
-            if sender is None or entry is None or entry.state != PREDICTED:
+            if entry is None or entry.state != PREDICTED:
                 continue
             try:
-                sr = build_sr(
-                    headers(Path(s["folder"])), entry.rows, model.name, model.version, s["key"]
+                evidence = headers(Path(s["folder"]))
+                built.append(
+                    (s["key"], build_sr(evidence, entry.rows, model.name, model.version, s["key"]))
                 )
-                sender.store([sr])
-            except PacsUnavailable as exc:
-                ledger.sent(s["key"], model.key, ok=False, error=str(exc))
-                failures.append({"key": s["key"], "error": str(exc)})
-                break  # the PACS is gone: the rest waits for the next run
-            except (PacsError, ValueError, OSError) as exc:
-                ledger.sent(s["key"], model.key, ok=False, error=str(exc))
-                failures.append({"key": s["key"], "error": str(exc)})
-                continue
-            ledger.sent(s["key"], model.key, ok=True)
-            sent += 1
+            except (ValueError, OSError) as exc:
+                outcome[s["key"]] = redact(f"SR not built: {exc}")
+        if built:
+            outcome.update(_send(open_sender(cfg), built))
+        for key, error in outcome.items():
+            ledger.sent(key, model.key, ok=error is None, error=error)
     finally:
         ledger.dispose()
         for s in pulled.series:
             inbox.clear(Path(s["folder"]))
-    unsent = sum(1 for s in pulled.series if entries.get(s["key"]) and not cfg.write_back)
-    log.info(
-        "sent %d SRs, %d failed sends, %d not sent (write_back off)", sent, len(failures), unsent
-    )
-    return {"sent": sent, "failed": failures, "write_back": cfg.write_back}
+    failed = [{"key": k, "error": e} for k, e in outcome.items() if e is not None]
+    sent = len(outcome) - len(failed)
+    log.info("sent %d SRs, %d failed", sent, len(failed))
+    return {"sent": sent, "failed": failed, "write_back": cfg.write_back}
+
+
+def _send(sender: Any, built: list[tuple[str, Any]]) -> dict[str, str | None]:
+    """Send ``(key, sr)`` pairs in chunks; return each key's error (None: sent)."""
+    outcome: dict[str, str | None] = {}
+    for i in range(0, len(built), SEND_CHUNK):
+        chunk = built[i : i + SEND_CHUNK]
+        try:
+            sender.store([sr for _, sr in chunk])
+            outcome.update({key: None for key, _ in chunk})
+            continue
+        except PacsUnavailable as exc:  # the PACS is gone: the rest waits for the next run
+            error = redact(str(exc))
+            outcome.update({key: error for key, _ in built[i:]})
+            return outcome
+        except PacsError:
+            pass
+        for key, sr in chunk:  # refused as a whole: one by one, to know which
+            try:
+                sender.store([sr])
+                outcome[key] = None
+            except PacsError as exc:
+                outcome[key] = redact(str(exc))
+    return outcome
 
 
 # ----------------------------------------------------------------------------- watermark

@@ -23,6 +23,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from medml.ingest.deid import KeyMaker
+from medml.pacs.dimse import NO_DELAY
 from medml.pacs.inbox import PARTIAL
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class StoreReceiver:
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         handlers = [
+            NO_DELAY,
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_close),
             (evt.EVT_ABORTED, lambda e: self._on_close(e, aborted=True)),

@@ -7,6 +7,7 @@ written anywhere (the ledger and reports use :func:`series_key`, a keyed hash).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ from medml.pacs.config import PacsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # a DICOM UID (in URLs of WADO-RS errors, ...)
+
+
+def redact(text: str) -> str:
+    """``text`` without DICOM UIDs: error messages go to logs, the ledger and reports."""
+    return UID.sub("<uid>", text)
 
 
 class PacsError(RuntimeError):
@@ -79,12 +86,13 @@ def with_retries(
         try:
             return call()
         except transient as exc:
+            reason = redact(f"{type(exc).__name__}: {exc}")
             if attempt == cfg.retries:
                 raise PacsUnavailable(
                     f"PACS {cfg.name} unavailable: {what} failed {attempt + 1} times; "
-                    f"last error: {type(exc).__name__}: {exc}"
-                ) from exc
-            log.warning("PACS %s: %s failed (%s); retry in %.1fs", cfg.name, what, exc, delay)
+                    f"last error: {reason}"
+                ) from None  # the chained error's text would name the UIDs again
+            log.warning("PACS %s: %s failed (%s); retry in %.1fs", cfg.name, what, reason, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
