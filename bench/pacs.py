@@ -11,9 +11,9 @@ synthetic set, ``NAME@champion``) and process the same N new synthetic CT studie
   the ``pacs`` flow run: search + retrieve into the atomic inbox, ingest, predict, one SR per
   series built and sent back (STOW-RS for DICOMweb, C-STORE for DIMSE), watermark.
 
-The ratio PACS / folder is printed per protocol (goal: <= 1.5). Each path runs once to warm up
-(imports, model load, highdicom's tables of the standard: once per process), then ``--reps``
-times on a fresh workspace copy; the median is reported.
+The ratio PACS / folder is printed per protocol (goal: <= 1.5). The paths run interleaved, once
+to warm up (imports, model load, highdicom's tables of the standard: once per process), then
+``--reps`` times, each on a fresh workspace copy; the medians are reported.
 
     .venv/bin/python bench/pacs.py                    # ~3 minutes on 2 CPU cores
     .venv/bin/python bench/pacs.py --studies 16 --reps 3
@@ -159,14 +159,7 @@ def main() -> None:
         files = sorted(export.rglob("*.dcm"))
         scp_port = local.free_port()
         with local.local_orthanc(root / "orthanc", {"MEDML": ("127.0.0.1", scp_port)}) as pacs:
-            results: dict[str, dict[str, float]] = {}
-            # rep 0 of each path is a warm-up (imports, model load, highdicom's standard
-            # tables: once per process, not per series), left out of the medians
-            runs = [
-                folder_path(settings, fresh(model_ws, root, f"f{i}"), export)
-                for i in range(args.reps + 1)
-            ]
-            results["folder"] = median(runs[1:])
+            configs = {}
             for protocol in ("dicomweb", "dimse"):
                 p = settings.pacs.model_copy(
                     update={
@@ -179,13 +172,17 @@ def main() -> None:
                         "listen_port": scp_port,
                     }
                 )
-                s = settings.model_copy(update={"pacs": p})
-                runs = []
-                for i in range(args.reps + 1):
+                configs[protocol] = settings.model_copy(update={"pacs": p})
+            # Paths interleaved per rep, so a busy machine slows them alike; rep 0 is a warm-up
+            # (imports, model load, highdicom's tables of the standard: once per process).
+            runs: dict[str, list[dict[str, float]]] = {"folder": [], "dicomweb": [], "dimse": []}
+            for _ in range(args.reps + 1):
+                runs["folder"].append(folder_path(settings, fresh(model_ws, root, "f"), export))
+                for protocol, s in configs.items():
                     pacs.reset()
                     pacs.upload(files)
-                    runs.append(pacs_path(s, fresh(model_ws, root, f"{protocol}{i}")))
-                results[protocol] = median(runs[1:])
+                    runs[protocol].append(pacs_path(s, fresh(model_ws, root, protocol)))
+            results = {name: median(r[1:]) for name, r in runs.items()}
     folder = results["folder"]["total"]
     print(f"{args.studies} studies ({len(files)} DICOM files), median of {args.reps} runs")
     for name, r in results.items():

@@ -680,7 +680,7 @@ def _listen(
     ws = _workspace(workspace, settings).ensure()
     p = settings.pacs
     receiver = StoreReceiver(
-        inbox_dir(p, ws),
+        inbox_dir(p, ws, "listen"),
         keymaker(ws),
         ingest_received(settings, ws),
         ae_title=p.calling_aet,

@@ -419,3 +419,42 @@ def test_serve_has_the_pacs_deployment_when_scheduled(tmp_path, tiny_settings):
     assert "pacs/scheduled" not in {
         f"{d.flow_name}/{d.name}" for d in build_deployments(tiny_settings, Workspace(tmp_path))
     }
+
+
+def test_a_stopped_receiver_leaves_nothing_behind(studies, tmp_path):
+    """Instances stored before a receiver stopped are handed on by the next one at its start."""
+    from medml.pacs.receiver import StoreReceiver
+
+    keys, got = KeyMaker(b"test-secret"), []
+    first = StoreReceiver(tmp_path, keys, got.append, host="127.0.0.1", port=0, quiet_s=30)
+    with first:
+        assert push(first.port, studies[1]) == [0] * len(studies[1])
+    assert got == [] and len(list((tmp_path / ".partial").iterdir())) == 1
+    second = StoreReceiver(tmp_path, keys, got.append, host="127.0.0.1", port=0, quiet_s=30)
+    with second:
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    (receipt,) = got
+    assert receipt.study_key == keys.key("study", str(header(studies[1]).StudyInstanceUID))
+    assert receipt.stored == len(studies[1]) and uids(receipt.folder.iterdir()) == uids(studies[1])
+
+
+def test_cli_pacs_pull_ingest_only(pacs, studies, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from medml.cli import app
+
+    stow(pacs, studies[0])
+    ws = tmp_path / "ws"
+    args = ["pacs", "pull", "--ingest-only", "--workspace", str(ws)]
+    args += ["--set", f"pacs.dicomweb_url={pacs.dicomweb_url}", "--set", "pacs.modalities=[CT]"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert (out["found"], out["pulled"], out["scans"], out["ingest_failed"]) == (1, 1, 1, 0)
+    assert json.loads(Path(out["report"]).read_text())["counts"]["ingested"] == len(studies[0])
+    bad = CliRunner().invoke(app, [*args, "--since", "2024-01-01"])
+    assert bad.exit_code == 2 and "YYYYMMDD" in bad.output

@@ -38,9 +38,10 @@ from medml.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def inbox_dir(cfg: PacsConfig, ws: Workspace) -> Path:
-    """Where pulled and received series land: ``pacs.inbox`` or ``WS/pacs/inbox``."""
-    return Path(cfg.inbox or ws.root / "pacs" / "inbox").resolve()
+def inbox_dir(cfg: PacsConfig, ws: Workspace, part: str) -> Path:
+    """Where pulled (``part="pull"``) or received (``"listen"``) series land: under
+    ``pacs.inbox`` or ``WS/pacs/inbox``; apart, so that neither clears the other's files."""
+    return Path(cfg.inbox or ws.root / "pacs" / "inbox").resolve() / part
 
 
 def keymaker(ws: Workspace) -> KeyMaker:
@@ -114,7 +115,7 @@ def pull_new(
     finally:
         ledger.dispose()
     keys = keymaker(ws)
-    root = inbox_dir(cfg, ws)
+    root = inbox_dir(cfg, ws, "pull")
     run = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
     inbox.sweep(root)  # what a killed run left (raw DICOM must not linger)
     result = Pulled(since=since, run_dir=str(root / run))

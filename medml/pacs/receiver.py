@@ -122,18 +122,40 @@ class StoreReceiver:
             done = [r for r in self.pending.values() if not r.open and now - r.last >= self.quiet_s]
             for r in done:
                 del self.pending[r.study_key]
-        for r in done:  # INBOX/received-<time>-<n>/<key>/: a folder ingestion can read alone
-            parent = Path(
-                tempfile.mkdtemp(prefix=time.strftime("received-%Y%m%dT%H%M%SZ-"), dir=self.inbox)
-            )
-            final = parent / r.study_key
-            os.rename(r.folder, final)
-            r.folder = final
+        for r in done:
+            r.folder = self._publish(r.folder, r.study_key)
         return done
 
+    def _publish(self, folder: Path, key: str) -> Path:
+        """Rename to ``INBOX/received-<time>-<n>/<key>/``: a folder ingestion can read alone."""
+        prefix = time.strftime("received-%Y%m%dT%H%M%SZ-")
+        final = Path(tempfile.mkdtemp(prefix=prefix, dir=self.inbox)) / key
+        os.rename(folder, final)
+        return final
+
+    def leftovers(self) -> list[Receipt]:
+        """What a receiver that stopped or was killed left: studies received but not handed on
+        (their senders were told the instances were stored, so they are handed on now)."""
+        found = []
+        staging = self.inbox / PARTIAL
+        for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
+            key = folder.name.rsplit("-", 1)[0]
+            found.append(Receipt(key, self._publish(folder, key)))
+        published = {r.folder for r in found}
+        for folder in sorted(self.inbox.glob("received-*/*")):
+            if folder not in published:
+                found.append(Receipt(folder.name, folder))
+        for r in found:
+            r.stored = sum(1 for _ in r.folder.glob("*.dcm"))
+        return found
+
     def _watch(self) -> None:
+        waiting = self.leftovers()
+        if waiting:
+            log.info("%d studies left by an earlier receiver: handing them on", len(waiting))
         while not self._stop.wait(min(0.5, self.quiet_s / 4)):
-            for receipt in self.ready():
+            ready, waiting = waiting + self.ready(), []
+            for receipt in ready:
                 log.info(
                     "study %s: %d instances stored, %d failed%s",
                     receipt.study_key,
@@ -159,6 +181,7 @@ class StoreReceiver:
             (evt.EVT_ABORTED, lambda e: self._on_close(e, aborted=True)),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
+        self.inbox.mkdir(parents=True, exist_ok=True)
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
         self._watcher = threading.Thread(target=self._watch, name="medml-listen", daemon=True)
@@ -167,7 +190,8 @@ class StoreReceiver:
         return self
 
     def stop(self) -> None:
-        """Stop listening; studies still pending stay in ``INBOX/.partial`` (not handed on)."""
+        """Stop listening; studies still pending stay in ``INBOX/.partial``, handed on by the
+        next receiver on this inbox when it starts (:meth:`leftovers`)."""
         if self._server is not None:
             self._server.shutdown()
         self._stop.set()
