@@ -93,6 +93,17 @@ class DicomwebSource:
                 found[ref.series_uid] = ref
         return sorted(found.values(), key=lambda r: (r.study_date, r.study_uid, r.series_uid))
 
+    def count(self, ref: SeriesRef) -> int | None:
+        """How many instances the PACS lists for ``ref`` now (QIDO-RS on its UID)."""
+        rows = self._call(
+            "QIDO-RS series search",
+            lambda: self.client.search_for_series(
+                search_filters={"SeriesInstanceUID": ref.series_uid},
+                fields=["NumberOfSeriesRelatedInstances"],
+            ),
+        )
+        return _ref(Dataset.from_json(rows[0]), ref.modality).n_instances if rows else None
+
     def retrieve(self, ref: SeriesRef, folder: Path) -> int:
         """WADO-RS retrieve of the whole series into ``folder``."""
         instances = self._call(

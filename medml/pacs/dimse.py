@@ -129,14 +129,15 @@ class DimseSource:
                 found[ref.series_uid] = ref
         return sorted(found.values(), key=lambda r: (r.study_date, r.study_uid, r.series_uid))
 
-    def _find(self, modality: str, since: str) -> list[Dataset]:
+    def _find(self, modality: str, since: str, series_uid: str = "") -> list[Dataset]:
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
-        query.StudyDate = f"{since}-"
+        query.StudyDate = f"{since}-" if since else ""
         query.Modality = modality
         query.SeriesDescription = self.cfg.series_description or ""
-        for key in ("StudyInstanceUID", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances"):
+        for key in ("StudyInstanceUID", "NumberOfSeriesRelatedInstances"):
             setattr(query, key, "")
+        query.SeriesInstanceUID = series_uid
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         answers = []
@@ -154,6 +155,12 @@ class DimseSource:
                 elif status.Status != 0x0000:
                     raise PacsError(f"C-FIND refused: status 0x{status.Status:04X}")
         return answers
+
+    def count(self, ref: SeriesRef) -> int | None:
+        """How many instances the PACS lists for ``ref`` now (C-FIND on its UID)."""
+        found = self._call("C-FIND", lambda: self._find("", "", ref.series_uid))
+        n = found[0].get("NumberOfSeriesRelatedInstances") if found else None
+        return int(n) if n not in (None, "") else None
 
     def retrieve(self, ref: SeriesRef, folder: Path) -> int:
         """C-GET (or C-MOVE to our own SCP) of the whole series into ``folder``."""

@@ -2,7 +2,8 @@
 
 ``INBOX/.partial/<key>-<random>/`` fills during a retrieve; only a complete retrieve (as many
 instances as the PACS listed) is renamed to ``INBOX/<run>/<key>/``, the folder ingestion reads.
-A retrieve that fails or comes up short is deleted, never ingested. The inbox holds original
+A retrieve that fails or comes up short, or a series that grew on the PACS while it was
+retrieved (still arriving), is deleted, never ingested. The inbox holds original
 DICOM (identifiers included) only while its run lasts: :func:`clear` removes a series once it
 is done and :func:`sweep` whatever a killed run left behind.
 """
@@ -31,6 +32,9 @@ def pull_series(source: Source, ref: SeriesRef, run_dir: Path, key: str) -> Path
         if n == 0 or (ref.n_instances is not None and n < ref.n_instances):
             listed = "?" if ref.n_instances is None else ref.n_instances
             raise PartialRetrieve(f"series {key}: retrieved {n} of {listed} instances")
+        now = source.count(ref)
+        if now is not None and now > n:  # still arriving at the PACS: next run takes it whole
+            raise PartialRetrieve(f"series {key}: retrieved {n} instances, the PACS has {now} now")
         final = run_dir / key
         run_dir.mkdir(parents=True, exist_ok=True)
         if final.exists():

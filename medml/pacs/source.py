@@ -64,6 +64,10 @@ class Source(Protocol):
         """Series of the configured modalities in studies dated ``since`` (YYYYMMDD) or later."""
         ...
 
+    def count(self, ref: SeriesRef) -> int | None:
+        """How many instances the PACS lists for ``ref`` now (None: it does not say)."""
+        ...
+
     def retrieve(self, ref: SeriesRef, folder: Path) -> int:
         """Write every instance of ``ref`` into ``folder``; return how many."""
         ...
