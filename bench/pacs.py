@@ -44,8 +44,9 @@ def build_model_workspace(root: Path, config: Path):
     """Tiny synthetic set -> ingest -> 1-epoch encoder -> prototypes as NAME@champion."""
     from medml.config import load_settings
     from medml.fewshot.prototypes import select_support
-    from medml.fewshot.register import catalog_pairs, register_prototypes
     from medml.ingest import ingest
+    from medml.registry.package import package_run
+    from medml.registry.register import catalog_pairs, register_prototypes
     from medml.synth import generate
     from medml.tracking import configure
     from medml.train import train
@@ -56,10 +57,11 @@ def build_model_workspace(root: Path, config: Path):
     generate(settings.synth, root / "train-raw", progress=False)
     ingest(root / "train-raw", ws, root / "train-raw" / "labels.csv", settings.ingest, False)
     configure(ws)
-    trained = train(settings, ws, progress=False)
+    fitted = train(settings, ws, progress=False)
+    model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
     pairs = catalog_pairs(ws, "train")
     picks = select_support([lab for _, lab in pairs], 2, np.random.default_rng(0))
-    register_prototypes(trained.model_uri, [pairs[i] for i in picks], NAME, workspace=ws)
+    register_prototypes(model_uri, [pairs[i] for i in picks], NAME, workspace=ws)
     return settings, ws
 
 

@@ -243,7 +243,8 @@ def model_ws(tmp_path_factory, ingested, tiny_settings):
     import numpy as np
 
     from medml.fewshot.prototypes import select_support
-    from medml.fewshot.register import catalog_pairs, register_prototypes
+    from medml.registry.package import package_run
+    from medml.registry.register import catalog_pairs, register_prototypes
     from medml.tracking import configure
     from medml.train import train
     from medml.workspace import Workspace
@@ -258,11 +259,11 @@ def model_ws(tmp_path_factory, ingested, tiny_settings):
         update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
     )
     configure(ws)
-    trained = train(settings, ws, progress=False)
+    fitted = train(settings, ws, progress=False)  # no evaluation: only a model is needed
+    model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
     pairs = catalog_pairs(ws, "train")
     picks = select_support([lab for _, lab in pairs], 2, np.random.default_rng(0))
-    register_prototypes(trained.model_uri, [pairs[i] for i in picks], NAME, "champion",
-                        workspace=ws)  # fmt: skip
+    register_prototypes(model_uri, [pairs[i] for i in picks], NAME, "champion", workspace=ws)
     return ws
 
 
