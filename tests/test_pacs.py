@@ -4,6 +4,7 @@ PACS that is down. One Orthanc for the whole module; each test starts from an em
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -321,7 +322,46 @@ def test_sr_sent_with_c_store_reads_back(pacs, studies):
     assert group["instances"] == {str(ds.SOPInstanceUID) for ds in evidence}
 
 
+class Recorder:
+    """The message of every log record made while the block runs, whatever handlers Prefect
+    installs (a record factory sees each record a logger at its level creates); the root logger
+    at INFO and medml's at DEBUG (Prefect resets levels when a flow starts)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __enter__(self) -> Recorder:
+        self.levels = {n: logging.getLogger(n).level for n in ("", "medml")}
+        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("medml").setLevel(logging.DEBUG)
+        self.factory = logging.getLogRecordFactory()
+
+        def record(*args, **kwargs):
+            rec = self.factory(*args, **kwargs)
+            self.lines.append(f"{rec.name}: {rec.getMessage()}")
+            return rec
+
+        logging.setLogRecordFactory(record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.setLogRecordFactory(self.factory)
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def test_scheduled_flow_end_to_end(pacs, studies, flow_ws, tiny_settings):
+    with Recorder() as logs:
+        _scheduled_flow_end_to_end(pacs, studies, flow_ws, tiny_settings)
+    secrets = {str(header(f).StudyInstanceUID) for f in studies}
+    secrets |= {str(header(f).SeriesInstanceUID) for f in studies}
+    secrets |= {str(header(f).PatientID) for f in studies}
+    text = "\n".join(logs.lines)
+    assert "medml.pacs.pull: PACS pacs since" in text and "PACS run:" in text  # recorded
+    assert not any(s in text for s in secrets)  # and name no UID or patient
+
+
+def _scheduled_flow_end_to_end(pacs, studies, flow_ws, tiny_settings):
     """A killed run resumes, a second run sends nothing new, a new study is picked up, and each
     SR read back from Orthanc references its series and says what the ledger predicted."""
     from flows.pacs import pacs_flow
@@ -378,8 +418,10 @@ def test_scheduled_flow_end_to_end(pacs, studies, flow_ws, tiny_settings):
     secrets = {str(header(f).StudyInstanceUID) for f in studies} | {
         str(header(f).PatientID) for f in studies
     }
-    for path in [ws.catalog_url.removeprefix("sqlite:///"), *ws.reports.rglob("*.csv")]:
-        text = Path(path).read_bytes()
+    secrets |= {str(header(f).SeriesInstanceUID) for f in studies}
+    stored = [ws.catalog_url.removeprefix("sqlite:///"), *ws.reports.rglob("*.*")]
+    for path in stored + list((ws.root / "prefect-results").rglob("*")):
+        text = Path(path).read_bytes() if Path(path).is_file() else b""
         assert not any(s.encode() in text for s in secrets), path
     assert not [p for p in (ws.root / "pacs" / "inbox").rglob("*") if p.is_file()]
 

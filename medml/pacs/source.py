@@ -21,6 +21,10 @@ from medml.pacs.config import PacsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# dicomweb-client logs the UIDs of each retrieve at INFO, pynetdicom the query identifiers
+# (patient attributes included): logs leave the hospital's systems, so only their warnings do.
+for _name in ("dicomweb_client", "pynetdicom"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # a DICOM UID (in URLs of WADO-RS errors, ...)
 
 
