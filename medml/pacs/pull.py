@@ -8,6 +8,7 @@ and :func:`send_reports` (from the inbox files' headers, read in memory).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -165,7 +166,7 @@ def ingest_folder(
     from medml.ingest import ingest
 
     result = ingest(folder, ws, None, cfg, progress=False)
-    report = pd.read_json(result.report_path, typ="series")
+    report = json.loads(Path(result.report_path).read_text())
     per: dict[str, dict[str, Any]] = {}
     for record in report["files"]:
         name = record["path"].split("/", 1)[0]
