@@ -2,6 +2,7 @@
 
 - ``batch-inference/nightly`` on ``orchestration.predict_cron`` (02:00): the watch folder;
 - ``ingest/scheduled`` on ``orchestration.ingest_cron`` (01:00): the incoming folder;
+- ``pacs/scheduled`` on ``pacs.cron`` (when set): new PACS studies -> predictions -> DICOM SR;
 - ``train/manual``, ``sweep/manual``, ``prototypes/manual``, ``medml-pipeline/manual``: on
   demand, with parameters.
 
@@ -29,6 +30,7 @@ from prefect.schedules import Cron
 
 from flows.batch_inference import batch_inference_flow
 from flows.ingest import ingest_flow
+from flows.pacs import pacs_flow
 from flows.pipeline import pipeline
 from flows.prototypes import prototypes_flow
 from flows.sweep import sweep_flow
@@ -137,7 +139,7 @@ def build_deployments(settings: Settings, ws: Workspace) -> list[RunnerDeploymen
     labels = str(Path(o.ingest_labels).resolve()) if o.ingest_labels else None
     model = f"models:/{settings.prototypes.model_name}@{settings.prototypes.alias}"
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["medml"]}
-    return [
+    deployments = [
         batch_inference_flow.to_deployment(
             "nightly",
             schedules=_cron(o.predict_cron, o.timezone),
@@ -161,6 +163,17 @@ def build_deployments(settings: Settings, ws: Workspace) -> list[RunnerDeploymen
         ),
         pipeline.to_deployment("manual", parameters=base, **common),
     ]
+    if settings.pacs.cron:
+        deployments.append(
+            pacs_flow.to_deployment(
+                "scheduled",
+                schedules=_cron(settings.pacs.cron, o.timezone),
+                parameters=base,
+                description=f"New studies on PACS {settings.pacs.name} -> predictions -> DICOM SR.",
+                **common,
+            )
+        )
+    return deployments
 
 
 def serve_deployments(settings: Settings, ws: Workspace, url: str | None = None) -> None:

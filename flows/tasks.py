@@ -35,7 +35,16 @@ from medml.workspace import Workspace
 
 # Settings sections that do not change what training produces: a new value re-runs only the
 # steps that read them.
-NOT_TRAINING = {"workspace", "synth", "ingest", "plan", "prototypes", "predict", "orchestration"}
+NOT_TRAINING = {
+    "workspace",
+    "synth",
+    "ingest",
+    "plan",
+    "prototypes",
+    "predict",
+    "orchestration",
+    "pacs",
+}
 
 
 def _ws(workspace: str) -> Workspace:

@@ -617,6 +617,113 @@ def serve_cmd(
         _fail(exc)
 
 
+# ----------------------------------------------------------------------------- PACS
+
+pacs_app = typer.Typer(
+    help="New studies from a PACS (DICOMweb or DIMSE, the `pacs:` config section); "
+    "results back as DICOM SR. Credentials: $MEDML_PACS_USERNAME/$MEDML_PACS_PASSWORD or "
+    "$MEDML_PACS_TOKEN.",
+    no_args_is_help=True,
+)
+app.add_typer(pacs_app, name="pacs")
+
+
+@pacs_app.command("pull")
+def pacs_pull_cmd(
+    since: Annotated[
+        str | None,
+        typer.Option(help="Studies from this date (YYYYMMDD) [default: the watermark]."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model URI [pacs.model_uri, else NAME@champion]."),
+    ] = None,
+    ingest_only: Annotated[
+        bool, typer.Option("--ingest-only", help="Pull and ingest; no prediction, no SR.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Pull new series from the PACS, ingest them, predict, send one SR per series (the
+    `pacs` flow once); `--ingest-only` stops after ingestion and leaves the watermark."""
+    if since is not None and not (len(since) == 8 and since.isdigit()):
+        raise typer.BadParameter("expected a date as YYYYMMDD", param_hint="--since")
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings).ensure()
+    try:
+        if ingest_only:
+            from medml.pacs.pull import pull_and_ingest
+
+            result = pull_and_ingest(settings, ws, since)
+        else:
+            from flows.pacs import pacs_flow
+
+            result = pacs_flow(
+                since=since, model_uri=model, settings=settings, workspace=str(ws.root)
+            )
+    except Exception as exc:
+        _fail(exc)
+    _json_line(result)
+
+
+def _listen(
+    port: int | None, quiet: float | None, studies: int | None, config, set_, workspace
+) -> None:
+    import signal
+    import threading
+
+    from medml.pacs.pull import inbox_dir, ingest_received, keymaker
+    from medml.pacs.receiver import StoreReceiver
+
+    settings = _settings(config, set_)
+    ws = _workspace(workspace, settings).ensure()
+    p = settings.pacs
+    receiver = StoreReceiver(
+        inbox_dir(p, ws, "listen"),
+        keymaker(ws),
+        ingest_received(settings, ws),
+        ae_title=p.calling_aet,
+        host=p.listen_host,
+        port=p.listen_port if port is None else port,
+        quiet_s=quiet or p.quiet_s,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        receiver.start()
+    except OSError as exc:
+        _fail(exc)
+    typer.echo(f"listening as {p.calling_aet} on {receiver.host}:{receiver.port}", err=True)
+    try:
+        while not stop.wait(0.2):
+            if studies is not None and receiver.totals["studies"] >= studies:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+    _json_line(receiver.totals)
+
+
+@app.command("listen")
+def listen_cmd(
+    port: Annotated[int | None, typer.Option(help="Port [pacs.listen_port].")] = None,
+    quiet: Annotated[
+        float | None, typer.Option(help="Seconds without instances before a study is handed on.")
+    ] = None,
+    studies: Annotated[
+        int | None, typer.Option(help="Stop after this many studies [default: until Ctrl-C].")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """A C-STORE receiver (DICOM SCP, AE title pacs.calling_aet): studies pushed by a PACS or a
+    scanner are ingested once quiet; prints the instance counts as a JSON line when stopped."""
+    _listen(port, quiet, studies, config, set_, workspace)
+
+
 def _print_summary(result: dict[str, Any], ws: Workspace) -> None:
     m = result["train"]["metrics"]
     fs = m.get("fewshot", {})

@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
-SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect", "worker"}
+SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect", "worker", "orthanc"}
 
 
 @pytest.fixture(scope="module")
