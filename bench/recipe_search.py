@@ -183,7 +183,9 @@ def train_encoder(
         if b is not None and b.has_parameters:
             params.append({"params": b.loss.parameters(), "lr": args.loss_lr, "weight_decay": 0})
     opt = torch.optim.AdamW(params)
-    sampler = MPerClassSampler(y, m=args.mpc, batch_size=args.batch, length_before_new_iter=len(y))
+    # Few labels: at least 8 batches an epoch (PML repeats scans of a small class).
+    length = max(len(y), 8 * args.batch)
+    sampler = MPerClassSampler(y, m=args.mpc, batch_size=args.batch, length_before_new_iter=length)
     steps_per_epoch = len(sampler) // args.batch
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, steps_per_epoch * args.warmup))
