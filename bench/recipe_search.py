@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,8 +171,8 @@ def train_encoder(
     args: argparse.Namespace,
     seed: int,
     init_state: dict | None = None,
-) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """Train one encoder; returns (raw model, EMA model or None)."""
+) -> dict[str, torch.nn.Module]:
+    """Train one encoder; returns {"raw": model, "ema<decay>": weight EMA per ``--ema`` decay}."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = make_encoder(args)
@@ -189,9 +190,11 @@ def train_encoder(
     steps_per_epoch = len(sampler) // args.batch
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, steps_per_epoch * args.warmup))
-    ema = None
-    if args.ema > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    # BatchNorm statistics are averaged too (use_buffers), so an EMA model needs no BN refit.
+    emas = {
+        f"ema{d}": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
+        for d in args.ema
+    }
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     g = torch.Generator().manual_seed(seed)
     spec = AUGS[args.aug]
@@ -211,12 +214,12 @@ def train_encoder(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-            if ema is not None:
+            for ema in emas.values():
                 ema.update_parameters(model)
-    model.eval()
-    if ema is not None:
-        ema.eval()
-    return model, ema
+    out = {"raw": model, **emas}
+    for m in out.values():
+        m.eval()
+    return out
 
 
 def _loss(bundle, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,7 +234,7 @@ def pretrain_ntxent(x: np.ndarray, args: argparse.Namespace, seed: int) -> dict:
     model = make_encoder(args)
     loss_fn = pml_losses.NTXentLoss(temperature=args.ssl_temp)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    steps_per_epoch = len(x) // args.batch
+    steps_per_epoch = len(x) // args.ssl_batch
     total = steps_per_epoch * args.ssl_epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, steps_per_epoch))
     xt = torch.from_numpy(x)
@@ -241,7 +244,7 @@ def pretrain_ntxent(x: np.ndarray, args: argparse.Namespace, seed: int) -> dict:
     for _ in range(args.ssl_epochs):
         perm = torch.randperm(len(x), generator=g)
         for s in range(steps_per_epoch):
-            xb = xt[perm[s * args.batch : (s + 1) * args.batch]]
+            xb = xt[perm[s * args.ssl_batch : (s + 1) * args.ssl_batch]]
             v = torch.cat([augment(xb, spec, g), augment(xb, spec, g)])
             lab = torch.arange(len(xb)).repeat(2)
             loss = loss_fn(model(v), lab)
@@ -250,6 +253,21 @@ def pretrain_ntxent(x: np.ndarray, args: argparse.Namespace, seed: int) -> dict:
             opt.step()
             sched.step()
     return model.state_dict()
+
+
+def cached_pretrain(x: np.ndarray, args: argparse.Namespace, seed: int) -> dict:
+    """Pretrain once per (encoder, SSL settings, seed); later runs load the state dict."""
+    keys = ("backbone", "widen", "stride", "emb", "lr", "wd", "ssl_epochs", "ssl_temp")
+    key = "_".join(str(getattr(args, k)) for k in keys + ("ssl_aug", "ssl_batch")) + f"_{seed}"
+    path = Path(tempfile.gettempdir()) / "medml-ssl-cache" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    state = pretrain_ntxent(x, args, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.rename(path)
+    return state
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -289,13 +307,19 @@ def _fit_temperature(score: np.ndarray, y: np.ndarray, bias: float) -> float:
 
 
 def decision_rules(
-    s_emb: np.ndarray, s_y: np.ndarray, q_emb: np.ndarray, q_y: np.ndarray, seed: int
+    s_emb: np.ndarray,
+    s_y: np.ndarray,
+    q_emb: np.ndarray,
+    q_y: np.ndarray,
+    seed: int,
+    calib: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """(ACC, AUROC) of each binary decision rule; support = training embeddings.
 
     Prior correction: p = sigmoid(d / T + log(pi1 / pi0)) with d the cosine difference to the
     two centroids; 1/T is fitted by cross-fitting on the query set (fit on one half, apply to
-    the other), the honest stand-in for 'fitted on val'.
+    the other), the honest stand-in for 'fitted on val'; with ``calib`` (val embeddings and
+    labels) 1/T is fitted there instead, as the recipe does.
     """
     out = {}
     cents = np.stack([s_emb[s_y == c].mean(0) for c in (0, 1)])
@@ -304,14 +328,17 @@ def decision_rules(
     out["nc"] = (np.mean((d > 0) == q_y), roc_auc_score(q_y, d))
     prior = s_y.mean()
     bias = math.log(prior / (1 - prior))
-    half = np.random.default_rng(seed).permutation(len(q_y)) % 2 == 0
-    pred = np.zeros(len(q_y), bool)
-    for a, b in ((half, ~half), (~half, half)):
-        inv_t = _fit_temperature(d[a], q_y[a], bias)
-        pred[b] = d[b] * inv_t + bias > 0
+    if calib is not None:
+        c_emb, c_y = calib
+        inv_t = _fit_temperature(c_emb @ cents[1] - c_emb @ cents[0], c_y, bias)
+        pred = d * inv_t + bias > 0
+    else:
+        half = np.random.default_rng(seed).permutation(len(q_y)) % 2 == 0
+        pred = np.zeros(len(q_y), bool)
+        for a, b in ((half, ~half), (~half, half)):
+            inv_t = _fit_temperature(d[a], q_y[a], bias)
+            pred[b] = d[b] * inv_t + bias > 0
     out["nc_prior"] = (np.mean(pred == q_y), out["nc"][1])
-    # Prior correction with the temperature the support itself implies is too sharp (train
-    # embeddings are tighter than held-out ones); the threshold that plain calibration picks:
     for k in (2, 3):
         protos = []
         for c in (0, 1):
@@ -333,13 +360,14 @@ def decision_rules(
 
 
 def score_model(
-    model, s_x, s_y, q_x, q_y, seed: int, tta: list[str]
+    model, s_x, s_y, q_x, q_y, seed: int, tta: list[str], calib=None
 ) -> list[dict[str, float | str]]:
     rows = []
     for t in tta:
         s_emb, q_emb = embed(model, s_x, TTA_FLIPS[t]), embed(model, q_x, TTA_FLIPS[t])
+        cal = None if calib is None else (embed(model, calib[0], TTA_FLIPS[t]), calib[1])
         mapr = retrieval_metrics(q_emb, q_y)["mean_average_precision_at_r"]
-        for rule, (acc, auc) in decision_rules(s_emb, s_y, q_emb, q_y, seed).items():
+        for rule, (acc, auc) in decision_rules(s_emb, s_y, q_emb, q_y, seed, cal).items():
             rows.append({"tta": t, "rule": rule, "acc": acc, "auc": auc, "mapr": mapr})
     return rows
 
@@ -395,11 +423,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--mpc", type=int, default=16)
     p.add_argument("--aug", default="shipped", choices=sorted(AUGS))
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay per step; 0 = off")
+    p.add_argument("--ema", type=float, nargs="*", default=[], help="EMA decays per step")
     p.add_argument("--tta", nargs="+", default=["none", "flip3"], choices=sorted(TTA_FLIPS))
     p.add_argument("--labels-per-class", type=int, default=0, help="0 = all labels")
     p.add_argument("--pretrain", action="store_true", help="NT-Xent on all train+val first")
     p.add_argument("--ssl-epochs", type=int, default=40)
+    p.add_argument("--ssl-batch", type=int, default=64, help="scans per batch (2 views each)")
     p.add_argument("--ssl-temp", type=float, default=0.1)
     p.add_argument("--ssl-aug", default="flip3_rot90_aff", choices=sorted(AUGS))
     p.add_argument("--ens", type=int, default=1, help="members per ensemble (concat embeddings)")
@@ -411,34 +440,34 @@ def main() -> None:
     data = load_npz(args.npz)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # Test protocol: the prior-correction temperature is fitted on val, never on test.
+    calib = data["val"] if args.protocol == "test" and not args.train_on_val else None
     for seed in args.seeds:
         init = None
         if args.pretrain:  # labels unused: every train+val scan (never test)
             t0 = time.time()
             x_all = np.concatenate([data["train"][0], data["val"][0]])
-            init = pretrain_ntxent(x_all, args, seed)
+            init = cached_pretrain(x_all, args, seed)
             print(f"pretrain seed {seed}: {time.time() - t0:.0f}s", flush=True)
         for fold, tx, ty, qx, qy in splits(data, args):
             if args.labels_per_class:
                 keep = subsample_per_class(ty, args.labels_per_class, seed)
                 tx, ty = tx[keep], ty[keep]
             t0 = time.time()
-            model, ema = train_encoder(tx, ty, args, seed, init)
+            members = [train_encoder(tx, ty, args, seed, init)]
             wall = time.time() - t0
-            variants = [("raw", model)] + ([("ema", ema)] if ema is not None else [])
+            variants = list(members[0].items())
             # --ens N: N-1 more members on the same training data (other seeds); their
             # concatenated embeddings measure what an ensemble of fold models gains.
-            members = [dict(variants)]
             for k in range(1, args.ens):
-                m_k, e_k = train_encoder(tx, ty, args, seed + 100 * k, init)
-                members.append({"raw": m_k, "ema": e_k})
+                members.append(train_encoder(tx, ty, args, seed + 100 * k, init))
             if args.ens > 1:
                 variants += [
                     (f"ens{args.ens}_{v}", Concat([mm[v] for mm in members])) for v, _ in variants
                 ]
             rows = []
             for vname, m in variants:
-                for r in score_model(m, tx, ty, qx, qy, seed, args.tta):
+                for r in score_model(m, tx, ty, qx, qy, seed, args.tta, calib):
                     rows.append({"model": vname, **r})
             _append(args, config, seed, fold, wall, rows)
             best = max(rows, key=lambda r: r["auc"])
