@@ -39,8 +39,8 @@ from sklearn.model_selection import StratifiedKFold
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medml.config import LossConfig, ModelConfig
-from medml.evaluate.metrics import retrieval_metrics
 from medml.losses import build_loss
+from medml.metrics import retrieval_metrics
 from medml.models.encoder import build_encoder
 
 NPZ = Path(__file__).resolve().parents[1] / "../shared/data/medmnist/adrenalmnist3d.npz"
