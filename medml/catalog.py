@@ -75,8 +75,25 @@ class Catalog:
                 conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
             engine = engine.execution_options(schema_translate_map={None: schema})
         self.engine = engine
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
+        self._create_tables()
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """Create missing tables and columns, safe against processes doing it at the same time.
+
+        ``create_all`` checks, then creates: two processes creating one catalog both see no
+        table and the second fails ("table ... already exists", or PostgreSQL's unique
+        violation on its type catalog). Whoever loses just checks again and finds the tables.
+        """
+        for attempt in range(attempts):
+            try:
+                metadata.create_all(self.engine)
+                self._add_missing_columns()
+                return
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as e:
+                text = str(e.orig).lower()
+                race = ("already exists", "duplicate", "database is locked")
+                if attempt == attempts - 1 or not any(r in text for r in race):
+                    raise
 
     def _add_missing_columns(self) -> None:
         """Add nullable columns introduced after a catalog was created (no migration tool)."""
@@ -116,12 +133,26 @@ class Catalog:
         self.upsert_scans([row])
 
     def upsert_scans(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Insert or replace several scans in one transaction."""
+        """Insert or replace several scans in one transaction.
+
+        A row without a split keeps the split stored for that scan: a scan keeps its split for
+        ever (new scans get one from ``medml.data.splits``), even when its row was read before
+        a concurrent training assigned it, and even when it is relabelled.
+        """
         rows = [dict(r) for r in rows]
         if not rows:
             return
+        ids = [r["scan_id"] for r in rows]
         with self.engine.begin() as conn:
-            conn.execute(sa.delete(scans).where(scans.c.scan_id.in_([r["scan_id"] for r in rows])))
+            stored = dict(
+                conn.execute(
+                    sa.select(scans.c.scan_id, scans.c.split).where(scans.c.scan_id.in_(ids))
+                ).all()
+            )
+            for r in rows:
+                if r.get("split") is None:
+                    r["split"] = stored.get(r["scan_id"])
+            conn.execute(sa.delete(scans).where(scans.c.scan_id.in_(ids)))
             conn.execute(sa.insert(scans), rows)
 
     def list_scans(

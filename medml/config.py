@@ -478,16 +478,114 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+MAX_YAML_BYTES = 1 << 20  # a config is a few KB; anything near this is not one
+MAX_YAML_ALIASES = 100  # configs need few (if any); a billion-laughs bomb needs many
+MAX_YAML_NODES = 100_000  # values once aliases are expanded (a config has a few hundred)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read: too big, not YAML, or a YAML bomb (names file and line)."""
+
+
+class _CappedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents with more than ``MAX_YAML_ALIASES`` aliases or
+    more than ``MAX_YAML_NODES`` values once they are expanded.
+
+    Aliases are how a 1 KB "billion laughs" document grows to gigabytes once anything walks
+    it (validation, hashing, JSON); PyYAML has no limit of its own, so this counts them and
+    measures the expansion on the node graph, before any Python object is built.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"more than {MAX_YAML_ALIASES} aliases (line {mark.line + 1}): refused, as a "
+                    "config never needs that many and a YAML bomb does"
+                )
+        return super().compose_node(parent, index)
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"its aliases expand to {size} values, more than the {MAX_YAML_NODES} allowed"
+            )
+        return self.construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is expanded (memoised: aliases
+    share nodes, so this walks each node once however large the expansion)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a cycle (a recursive alias) counts once on its way round
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """YAML text (safe tags only, aliases capped) -> Python; errors name ``source`` and line."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes, more than the {MAX_YAML_BYTES} allowed")
+    loader = _CappedLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not a usable YAML config: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _read_capped(path: Path) -> str:
+    with open(path, "rb") as fh:
+        blob = fh.read(MAX_YAML_BYTES + 1)
+    if len(blob) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than the {MAX_YAML_BYTES} bytes a config may have")
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
 def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
-    """Read a YAML config, apply ``key.sub=value`` overrides, and validate it."""
+    """Read a YAML config, apply ``key.sub=value`` overrides, and validate it.
+
+    Raises :class:`ConfigError` (a ``ValueError``, naming the file and line) for files that
+    are not YAML, larger than ``MAX_YAML_BYTES`` or with more than ``MAX_YAML_ALIASES``
+    aliases, and pydantic's ``ValidationError`` (also a ``ValueError``) for wrong settings.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = parse_yaml(_read_capped(Path(path)), str(path)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{path}: a config is a mapping of sections, not {type(raw).__name__}"
+            )
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+        _set_dotted(raw, key.strip(), parse_yaml(text, f"--set {key.strip()}"))
     return Settings.model_validate(raw)
 
 

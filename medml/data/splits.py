@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,17 +12,25 @@ from medml.catalog import Catalog
 from medml.config import SplitConfig
 
 
-def assign_splits(scans: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str, str]:
+def assign_splits(
+    scans: Sequence[dict[str, Any]], cfg: SplitConfig, fixed: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Map scan id -> train/val/test, grouping scans by patient and stratifying by label.
 
     A patient's label for stratification is the label of their first scan; within each class,
     patients are shuffled with ``cfg.seed`` and cut by the configured fractions (at least one
     patient goes to val and test whenever a class has three or more patients).
 
+    ``fixed`` holds splits already given (scan id -> split); they never change. A new scan of
+    a patient who has one joins that patient's split; new patients fill, in the shuffled order,
+    what the class's val and test still lack of their share of all its patients, then train.
+    With nothing fixed this is the plain cut above.
+
     Patients and scans are ordered by content (the voxel hash), not by their keyed ids: the
     keys depend on each workspace's secret, and the same data must get the same split in
     every workspace, or no two runs of the demo would be comparable.
     """
+    fixed = dict(fixed or {})
     patients: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in sorted(scans, key=_content_order):
         patients[s["patient_key"]].append(s)
@@ -36,13 +44,26 @@ def assign_splits(scans: Sequence[dict[str, Any]], cfg: SplitConfig) -> dict[str
         keys = list(by_class[label])
         rng.shuffle(keys)
         n = len(keys)
-        n_test = max(1, round(n * cfg.test)) if n >= 3 and cfg.test > 0 else 0
-        n_val = max(1, round(n * cfg.val)) if n >= 3 and cfg.val > 0 else 0
-        for i, key in enumerate(keys):
-            split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        want = {
+            "test": max(1, round(n * cfg.test)) if n >= 3 and cfg.test > 0 else 0,
+            "val": max(1, round(n * cfg.val)) if n >= 3 and cfg.val > 0 else 0,
+        }
+        known = {k: _patient_split(patients[k], fixed) for k in keys}
+        have = Counter(split for split in known.values() if split)
+        for key in keys:
+            split = known[key]
+            if split is None:
+                split = next((x for x in ("test", "val") if have[x] < want[x]), "train")
+                have[split] += 1
             for s in patients[key]:
-                out[s["scan_id"]] = split
+                out[s["scan_id"]] = fixed.get(s["scan_id"], split)
     return out
+
+
+def _patient_split(scans: Sequence[dict[str, Any]], fixed: Mapping[str, str]) -> str | None:
+    """The split of a patient's scans that have one (the most common, should they differ)."""
+    given = Counter(fixed[s["scan_id"]] for s in scans if s["scan_id"] in fixed)
+    return given.most_common(1)[0][0] if given else None
 
 
 def _content_order(scan: dict[str, Any]) -> tuple[str, str]:
@@ -51,10 +72,16 @@ def _content_order(scan: dict[str, Any]) -> tuple[str, str]:
 
 
 def ensure_splits(catalog: Catalog, cfg: SplitConfig) -> list[dict[str, Any]]:
-    """Assign patient-level splits when any labelled scan lacks one; return all labelled scans."""
+    """Give a split to every labelled scan that lacks one; return all labelled scans.
+
+    Scans that have a split keep it for ever, so a model's test scans stay test scans however
+    much is ingested later (only new scans are assigned, by :func:`assign_splits`).
+    """
     scans = catalog.list_scans()
     if any(s["split"] is None for s in scans):
-        catalog.set_splits(assign_splits(scans, cfg))
+        fixed = {s["scan_id"]: s["split"] for s in scans if s["split"] is not None}
+        assigned = assign_splits(scans, cfg, fixed)
+        catalog.set_splits({k: v for k, v in assigned.items() if k not in fixed})
         scans = catalog.list_scans()
     return scans
 

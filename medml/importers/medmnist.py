@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medml.importers import ImportedScan, store
+from medml.lock import writes_workspace
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def dataset_name(npz: Path) -> str:
     return re.sub(r"_(28|64)$", "", Path(npz).stem.lower())
 
 
+@writes_workspace("import-medmnist")
 def import_medmnist(
     npz: str | Path,
     ws: Workspace,

@@ -21,7 +21,9 @@ from medml.config import IngestConfig
 from medml.ingest import dicom, nifti
 from medml.ingest.checks import SeriesChecks
 from medml.ingest.deid import KeyMaker, shift_date
+from medml.ingest.faults import raise_if_environment, scrub
 from medml.ingest.report import FileRecord
+from medml.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ _CTX: WorkerContext | None = None
 def init_worker(ctx: WorkerContext) -> None:
     """Give this process the context its conversions use."""
     global _CTX
+    die_with_parent()  # a killed ingest takes its workers with it
     _CTX = ctx
 
 
@@ -78,8 +81,9 @@ def _rel(ctx: WorkerContext, path: Path) -> str:
 
 
 def _clean(ctx: WorkerContext, text: str) -> str:
-    """Exception text without absolute source paths (they may name patients)."""
-    return text.replace(str(ctx.src) + os.sep, "").replace(str(ctx.src), "")
+    """Exception text without absolute source paths or quoted header values (they may name
+    patients)."""
+    return scrub(text.replace(str(ctx.src) + os.sep, "").replace(str(ctx.src), ""))
 
 
 # Maps conversion over tasks somewhere else (e.g. a Dask cluster); yields each task's result.
@@ -99,6 +103,7 @@ def convert(ctx: WorkerContext, task: Task) -> TaskResult:
             return _convert_nifti(ctx, task)
         return _convert_series(ctx, task)
     except Exception as exc:  # one bad series never stops the batch
+        raise_if_environment(exc, ctx.root)  # ...but a full or unwritable workspace does
         reason = _clean(ctx, f"conversion failed: {type(exc).__name__}: {exc}")
         log.warning("%s", reason)
         return failed(ctx, task, reason)

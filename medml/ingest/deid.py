@@ -7,14 +7,13 @@ secret can test a guessed identity against a key.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
 import os
 import secrets
 from pathlib import Path
-
-from medml.io import atomic_path
 
 
 def load_secret(secret_file: Path) -> bytes:
@@ -23,10 +22,29 @@ def load_secret(secret_file: Path) -> bytes:
     if env:
         return env.encode()
     if not secret_file.exists():
-        with atomic_path(secret_file) as tmp:
-            tmp.write_text(secrets.token_hex(32))
-            os.chmod(tmp, 0o600)
+        _create_once(secret_file, secrets.token_hex(32))
     return secret_file.read_text().strip().encode()
+
+
+def _create_once(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` unless it exists, atomically: the first writer wins and
+    every other (concurrent) first call reads the winner's secret, never a half-written one.
+
+    The text goes to a private temporary file (0600, ``O_EXCL``) that is then hard-linked to
+    its final name: ``link`` fails when the name exists, where a rename would replace it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process created it first
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class KeyMaker:

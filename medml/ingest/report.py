@@ -1,17 +1,28 @@
-"""The ingest report (a contract, see ARCHITECTURE.md): every source file accounted for."""
+"""The ingest report (a contract, see ARCHITECTURE.md): every source file accounted for.
+
+It is the one place where source paths are written (relative to the source, plus the source
+itself); it stays in the workspace. Paths are bytes on POSIX: a name that is not UTF-8 (a
+Latin-1 folder of an old PACS export) is reported in a printable form, its undecodable bytes as
+``\\xNN`` escapes, so the report, the catalog and the logs can always encode it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from medml.io import atomic_write_text
-
 Status = Literal["ingested", "skipped", "quarantined"]
+
+
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as UTF-8-encodable text: valid UTF-8 unchanged, other bytes as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def utc_now() -> str:
@@ -27,6 +38,9 @@ class FileRecord:
     scan_id: str | None = None
     reason: str | None = None
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.path = printable(self.path)
 
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if v is not None}
@@ -58,22 +72,41 @@ class IngestReport:
 
     def to_json(self) -> dict:
         return {
-            "source": self.source,
+            "source": printable(self.source),
             "started": self.started,
             "finished": self.finished,
             "counts": self.counts(),
             "files": [r.to_json() for r in sorted(self.files, key=lambda r: r.path)],
             # Symlinks to folders and broken links: listed, never entered (loops cannot trap us).
-            "links_not_followed": sorted(self.links_not_followed),
+            "links_not_followed": sorted(printable(p) for p in self.links_not_followed),
         }
 
     def write(self, reports_dir: Path) -> Path:
         self.finished = self.finished or utc_now()
         stamp = self.started.replace("-", "").replace(":", "")
-        path = reports_dir / f"ingest-{stamp}.json"
-        n = 1
-        while path.exists():  # two ingests in the same second keep both reports
-            path = reports_dir / f"ingest-{stamp}-{n}.json"
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".ingest-{stamp}.{os.getpid()}-", dir=reports_dir)
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(self.to_json(), indent=1))
+            return _link_unique(tmp, reports_dir, f"ingest-{stamp}")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _link_unique(tmp: Path, folder: Path, stem: str) -> Path:
+    """Give the finished ``tmp`` the first free name ``stem.json``, ``stem-1.json``, ...
+
+    ``os.link`` fails when the name exists, so two ingests finishing in the same second can
+    never take the same name (an exists-then-rename check races); the temporary name is then
+    removed.
+    """
+    n = 0
+    while True:
+        path = folder / (f"{stem}.json" if n == 0 else f"{stem}-{n}.json")
+        try:
+            os.link(tmp, path)
+            return path
+        except FileExistsError:
             n += 1
-        atomic_write_text(path, json.dumps(self.to_json(), indent=1))
-        return path

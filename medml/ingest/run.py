@@ -31,9 +31,12 @@ from medml.ingest.conversion import (
     run_task,
 )
 from medml.ingest.deid import KeyMaker, load_secret
+from medml.ingest.faults import raise_if_environment
 from medml.ingest.labels import LabelIndex
-from medml.ingest.report import FileRecord, IngestReport
+from medml.ingest.report import FileRecord, IngestReport, printable
 from medml.ingest.walk import walk
+from medml.lock import workspace_lock
+from medml.processes import cap_workers
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -149,7 +152,7 @@ class Ingestor:
     def workers(self, files: list[Path]) -> int:
         """Processes to use: ``cfg.workers``, or one per CPU when there is enough data."""
         if self.cfg.workers:
-            return self.cfg.workers
+            return cap_workers(self.cfg.workers, "ingest.workers")
         total_mb = sum(p.stat().st_size for p in files) / 2**20
         if total_mb < self.cfg.parallel_min_mb:
             return 1
@@ -192,6 +195,7 @@ class Ingestor:
                 try:
                     result = fut.result()
                 except Exception as exc:  # a worker died (out of memory, killed)
+                    raise_if_environment(exc, self.ws.root)
                     reason = f"conversion failed: worker died: {type(exc).__name__}"
                     result = failed(self.ctx, t, reason)
                 collect(result, t)
@@ -241,7 +245,7 @@ class Ingestor:
         self.catalog.record_run(
             {
                 "run_id": self.run_id,
-                "source": str(self.src),
+                "source": printable(str(self.src)),
                 "started": self.report.started,
                 "finished": self.report.finished,
                 "report": str(report_path),
@@ -290,6 +294,7 @@ def ingest(
         labels.folders = cfg.folder_labels
     else:
         labels = LabelIndex.from_folders() if cfg.folder_labels else LabelIndex.from_csv(None)
-    result = Ingestor(src, ws, labels, cfg, converter).run(progress)
+    with workspace_lock(ws.root, "ingest", catalog_url=ws.catalog_url):
+        result = Ingestor(src, ws, labels, cfg, converter).run(progress)
     log.info("ingest: %s", result.counts)
     return result

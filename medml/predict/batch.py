@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from medml.ingest.nifti import is_nifti_name
-from medml.io import atomic_path, jsonable
+from medml.io import atomic_path, jsonable, remove_stale_temporaries
 from medml.predict.prefetch import Prefetcher, auto_workers
 from medml.predict.pyfunc import MedmlModel, prob_column
 
@@ -164,6 +164,8 @@ def predict_frame(
     if formats is None:
         formats = ["parquet" if out.suffix == ".parquet" else "csv"]
     paths = {fmt: out.with_suffix(f".{fmt}") for fmt in formats}
+    # hidden temporaries of a predict killed mid-write (their writer is dead)
+    remove_stale_temporaries(out.parent, [p.name for p in paths.values()])
     book = ledger_path(out)
     done = _read_ledger(book, model_id) if ledger else {}
     given = frame["scan_id"] if "scan_id" in frame.columns else pd.Series([None] * len(frame))

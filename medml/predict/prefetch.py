@@ -25,6 +25,7 @@ import torch
 from medml.config import PreprocessConfig
 from medml.data.transforms import KEY, deterministic_chain
 from medml.predict.loading import load_input
+from medml.processes import cap_workers, die_with_parent
 
 # (volume or None, content scan id or None, error message or None) for one input
 Prepared = tuple[np.ndarray | None, str | None, str | None]
@@ -45,6 +46,7 @@ def prepare(chain: Any, path: str) -> Prepared:
 
 def _init(cfg: PreprocessConfig) -> None:
     global _CHAIN
+    die_with_parent()  # a killed predict takes its workers with it
     torch.set_num_threads(1)  # one core per worker; the pool is the parallelism
     _CHAIN = deterministic_chain(cfg, load=False)
 
@@ -64,10 +66,10 @@ def as_batch(prepared: Iterable[Prepared]) -> Batch:
 
 
 def auto_workers(n_inputs: int, workers: int | None, min_inputs: int) -> int:
-    """``workers`` if set, else one per CPU when there are at least ``min_inputs`` inputs (a
-    pool costs a few seconds to start), else 0 (prepare in this process)."""
+    """``workers`` if set (at most one per CPU), else one per CPU when there are at least
+    ``min_inputs`` inputs (a pool costs a few seconds to start), else 0 (in this process)."""
     if workers is not None:
-        return workers
+        return cap_workers(workers, "predict.workers")
     return (os.cpu_count() or 1) if n_inputs >= min_inputs else 0
 
 

@@ -18,6 +18,7 @@ from medml.fewshot.prototypes import build_prototypes, select_support
 from medml.fewshot.rules import select_rule
 from medml.ingest.nifti import is_nifti_name
 from medml.io import atomic_path
+from medml.lock import writes_workspace
 from medml.predict.pyfunc import MedmlModel, load_medml_model, thumbnails
 from medml.registry.package import log_model
 from medml.tracking import use_experiment
@@ -78,6 +79,7 @@ def embed_labelled(
     return np.concatenate(embs), [lab for _, lab in pairs], ids, np.stack(pics) if thumbs else None
 
 
+@writes_workspace("prototypes", arg="workspace")
 def register_prototypes(
     model_uri: str,
     support: list[tuple[str, str]],

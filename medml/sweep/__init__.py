@@ -20,6 +20,7 @@ import pandas as pd
 from medml.config import Settings
 from medml.evaluate.run import evaluate_run
 from medml.io import atomic_write_text
+from medml.lock import writes_workspace
 from medml.tracking import configure, use_experiment
 from medml.train import train
 from medml.workspace import Workspace
@@ -104,6 +105,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+@writes_workspace("sweep")
 def sweep(
     settings: Settings, ws: Workspace, losses: list[str], seeds: int = 1, progress: bool = False
 ) -> SweepResult:

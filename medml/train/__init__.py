@@ -16,6 +16,7 @@ import mlflow
 from medml.catalog import Catalog
 from medml.config import Settings
 from medml.data.splits import ensure_splits, patient_folds
+from medml.lock import writes_workspace
 from medml.planning import planned_updates, read_plans, resolve
 from medml.tracking import configure, log_plans, use_experiment
 from medml.train import checkpoint
@@ -27,6 +28,7 @@ from medml.workspace import Workspace
 EMPTY_CATALOG = "the catalog is empty: run `medml ingest` (or `medml pipeline`) first"
 
 
+@writes_workspace("train")
 def train(
     settings: Settings,
     ws: Workspace,
