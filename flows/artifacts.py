@@ -16,27 +16,48 @@ MAX_ROWS = 50  # of quarantined files or errors listed in markdown; the files ho
 
 
 def ingest_report(result: dict[str, Any]) -> None:
-    """Counts and quarantined files of one ingest."""
+    """Counts and quarantine reasons of one ingest, with no source path in them.
+
+    Prefect keeps artifacts in its own database (``PREFECT_HOME``, outside the workspace), and
+    source paths name patients as often as not (``DOE_JOHN/CT``). So a quarantined file is
+    named by its position in the report (``#12`` is ``files[12]`` of the workspace's report,
+    the one place with source paths) and any report path quoted in a reason is replaced the
+    same way; the source folder is not named.
+    """
     report = json.loads(Path(result["report"]).read_text())
     counts = report.get("counts", {})
+    files = report.get("files", [])
     lines = [
-        f"# Ingest of `{report.get('source')}`",
+        "# Ingest",
         "",
         "| " + " | ".join(counts) + " |",
         "|" + "---|" * len(counts),
         "| " + " | ".join(str(v) for v in counts.values()) + " |",
         "",
-        f"Report: `{result['report']}`",
+        f"Report (in the workspace, with the source paths): `{Path(result['report']).name}`",
     ]
-    quarantined = [f for f in report.get("files", []) if f.get("status") == "quarantined"]
+    quarantined = [(i, f) for i, f in enumerate(files) if f.get("status") == "quarantined"]
     if quarantined:
+        position = {f["path"]: i for i, f in enumerate(files)}
         lines += ["", f"## Quarantined ({len(quarantined)})", "", "| file | reason |", "|---|---|"]
-        lines += [f"| `{f['path']}` | {f.get('reason', '')} |" for f in quarantined[:MAX_ROWS]]
+        lines += [
+            f"| #{i} | {_without_paths(f.get('reason', ''), position)} |"
+            for i, f in quarantined[:MAX_ROWS]
+        ]
         if len(quarantined) > MAX_ROWS:
             lines.append(f"| ... | {len(quarantined) - MAX_ROWS} more in the report |")
     create_markdown_artifact(
         "\n".join(lines), key="ingest-report", description="files ingested/skipped/quarantined"
     )
+
+
+def _without_paths(reason: str, position: dict[str, int]) -> str:
+    """``reason`` with every report path in it replaced by its ``#position`` (longest first,
+    so a folder never leaves part of a file's path behind)."""
+    for path in sorted(position, key=len, reverse=True):
+        if path in reason:
+            reason = reason.replace(path, f"#{position[path]}")
+    return reason.replace("|", "/")  # a table cell
 
 
 def _flat(metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:

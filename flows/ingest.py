@@ -29,7 +29,8 @@ def ingest_flow(
     """Ingest ``source`` (DICOM/NIfTI tree) into the workspace; skipped when nothing changed."""
     settings, ws = start(settings, workspace)
     result = ingest_step(settings, ws, source, labels)
-    get_run_logger().info("ingest of %s: %d scans", source, result["scans"])
+    # the source path stays out of Prefect's logs (it may name patients); the report has it
+    get_run_logger().info("ingest: %d scans, report %s", result["scans"], result["report"])
     return result
 
 

@@ -5,6 +5,7 @@ Exit codes: 0 success (quarantined inputs included), 2 unusable arguments, 1 fai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,12 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set train.epochs=3")
 ]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait", help="If another command is writing to the workspace, wait for it to finish."
+    ),
+]
 
 
 def _settings(config: Path | None, overrides: list[str] | None):
@@ -80,6 +87,14 @@ def _json_line(payload: dict[str, Any]) -> None:
     from medml.io import jsonable
 
     typer.echo(json.dumps(jsonable(payload)))
+
+
+def _writing(ws: Workspace, command: str, wait: bool) -> contextlib.AbstractContextManager:
+    """The workspace's writer lock (one writer per workspace, docs/operations.md). A busy
+    workspace raises ``WorkspaceBusy`` naming the writer (exit 1 by ``_fail``) unless ``--wait``."""
+    from medml.lock import workspace_lock
+
+    return workspace_lock(ws.root, command, wait=wait, catalog_url=ws.catalog_url)
 
 
 def _fail(exc: Exception) -> None:
@@ -165,13 +180,15 @@ def import_medmnist_cmd(
         typer.Option(help="Which of the six 3D sets (default: from the file name)."),
     ] = None,
     workspace: WorkspaceOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Import a MedMNIST 3D set into the catalog, keeping its official splits and class names."""
     from medml.importers.medmnist import MedMNISTError, import_medmnist
 
     ws = _workspace(workspace)
     try:
-        result = import_medmnist(npz, ws, dataset)
+        with _writing(ws, "import-medmnist", wait):
+            result = import_medmnist(npz, ws, dataset)
     except MedMNISTError as exc:
         raise typer.BadParameter(str(exc), param_hint="NPZ") from exc
     except Exception as exc:
@@ -202,6 +219,7 @@ def ingest_cmd(
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Ingest a folder into de-identified RAS NIfTI + catalog; write the ingest report.
 
@@ -209,12 +227,16 @@ def ingest_cmd(
     `--set ingest.on_derived=convert`; see docs/ingestion.md.
     """
     from medml.ingest import ingest
+    from medml.ingest.labels import LabelError
 
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings if config else None)
     cfg = settings.ingest.model_copy(update={"folder_labels": True}) if folder_labels else None
     try:
-        result = ingest(src, ws, labels, cfg or settings.ingest)
+        with _writing(ws, "ingest", wait):
+            result = ingest(src, ws, labels, cfg or settings.ingest)
+    except LabelError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--labels") from exc
     except Exception as exc:
         _fail(exc)
     c = result.counts
@@ -296,6 +318,7 @@ def train_cmd(
     run_id: Annotated[
         str | None, typer.Option(help="With --resume: the MLflow run id to continue.")
     ] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Train an encoder on the catalog's train split; prints the run id and test metrics as JSON.
 
@@ -320,11 +343,12 @@ def train_cmd(
                 f"no checkpoint to resume in {ws.checkpoints}", param_hint="--resume"
             )
     try:
-        fitted = train(settings, ws, resume=last)
-        if not fitted.run_id:  # another rank of a torchrun job: rank 0 reports
-            return
-        metrics = evaluate_run(fitted.run_id, settings, ws, fitted.checkpoint)
-        model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
+        with _writing(ws, "train", wait):
+            fitted = train(settings, ws, resume=last)
+            if not fitted.run_id:  # another rank of a torchrun job: rank 0 reports
+                return
+            metrics = evaluate_run(fitted.run_id, settings, ws, fitted.checkpoint)
+            model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
     except Exception as exc:
         _fail(exc)
     typer.echo(f"model: {model_uri}", err=True)
@@ -364,6 +388,7 @@ def sweep_cmd(
         int, typer.Option(min=1, help="Seeds per loss (mean ± 95 % CI when > 1).")
     ] = 1,
     workspace: WorkspaceOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Train each loss on the same data, splits, seeds and budget under one MLflow parent run."""
     from medml.losses.registry import LOSSES
@@ -378,7 +403,8 @@ def sweep_cmd(
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
     try:
-        result = sweep(settings, ws, names, seeds, progress=True)
+        with _writing(ws, "sweep", wait):
+            result = sweep(settings, ws, names, seeds, progress=True)
     except Exception as exc:
         _fail(exc)
     typer.echo(result.table_md.read_text())
@@ -463,22 +489,24 @@ def prototypes_cmd(
         typer.Option(help="Target false-accept rate of the 'unknown' threshold [config]."),
     ] = None,
     workspace: WorkspaceOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Build class prototypes from a support set and register a new model version."""
     from medml.registry.register import read_support, register_prototypes
 
     ws = _tracked_workspace(workspace)
     try:
-        val = _validation_pairs(ws, validation)
-        reg = register_prototypes(
-            model,
-            read_support(support),
-            register,
-            alias,
-            validation=val or None,
-            target_far=far,
-            workspace=ws,
-        )
+        with _writing(ws, "prototypes", wait):
+            val = _validation_pairs(ws, validation)
+            reg = register_prototypes(
+                model,
+                read_support(support),
+                register,
+                alias,
+                validation=val or None,
+                target_far=far,
+                workspace=ws,
+            )
     except Exception as exc:
         _fail(exc)
     typer.echo(
@@ -553,16 +581,18 @@ def promote_cmd(
         ),
     ] = None,
     workspace: WorkspaceOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Compare @challenger with @champion on validation scans; move @champion if better."""
     from medml.registry.promote import promote
 
     ws = _tracked_workspace(workspace)
     try:
-        val = _validation_pairs(ws, validation)
-        if not val:
-            raise ValueError("no validation scans: pass --validation")
-        result = promote(name, val)
+        with _writing(ws, "promote", wait):
+            val = _validation_pairs(ws, validation)
+            if not val:
+                raise ValueError("no validation scans: pass --validation")
+            result = promote(name, val)
     except Exception as exc:
         _fail(exc)
     typer.echo(("promoted: " if result.promoted else "kept champion: ") + result.reason)
@@ -570,7 +600,10 @@ def promote_cmd(
 
 @app.command("pipeline")
 def pipeline_cmd(
-    config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Run the whole chain as one Prefect flow (synthetic data -> predictions)."""
     settings = _settings(config, set_)
@@ -578,7 +611,8 @@ def pipeline_cmd(
     from flows.pipeline import pipeline
 
     try:
-        result = pipeline(settings, str(ws.root))
+        with _writing(ws, "pipeline", wait):
+            result = pipeline(settings, str(ws.root))
     except Exception as exc:
         _fail(exc)
     _print_summary(result, ws)
