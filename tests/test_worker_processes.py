@@ -1,0 +1,98 @@
+"""Worker processes die with their parent, are capped at the CPU count, and a killed run's
+temporaries are cleaned at the next start (issue 15, item 11)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medml.config import IngestConfig
+from medml.io import atomic_path, remove_stale_temporaries
+from medml.processes import cap_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The parent: ingest's own worker pool (spawned, with ingest's initializer), two workers
+# busy for a minute; it prints "ready" once both are running their task.
+PARENT = """
+import multiprocessing, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from medml.config import IngestConfig
+from medml.ingest import WorkerContext, _init_worker
+from medml.ingest.deid import KeyMaker
+
+marks = Path(sys.argv[1])
+ctx = WorkerContext(marks, marks, marks, KeyMaker(b"k"), IngestConfig())
+pool = ProcessPoolExecutor(2, multiprocessing.get_context("spawn"), initializer=_init_worker,
+                           initargs=(ctx,))
+task = (f"import os, time; open({str(marks)!r} + '/' + str(os.getpid()), 'w').close(); "
+        "time.sleep(60)")
+for _ in range(2):
+    pool.submit(exec, task)
+while len(list(marks.iterdir())) < 2:
+    time.sleep(0.05)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.exists() and state.read_text().split(") ")[-1].startswith("Z"))
+
+
+def test_ingest_workers_die_when_their_parent_is_killed(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    workers: list[int] = []
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = [int(p.name) for p in tmp_path.iterdir()]
+        assert len(workers) == 2 and all(map(_alive, workers))
+        parent.send_signal(signal.SIGKILL)  # kill -9: nothing runs in the parent any more
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "workers outlived their killed parent"
+    finally:
+        for pid in workers:  # only if the test failed: do not leave them running
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_workers_are_capped_at_the_cpu_count():
+    from medml.ingest import _Ingestor
+
+    cpus = os.cpu_count() or 1
+    assert cap_workers(10_000) == cpus and cap_workers(1) == 1
+    ingestor = _Ingestor.__new__(_Ingestor)
+    ingestor.cfg = IngestConfig(workers=10_000)
+    assert ingestor.workers([]) == cpus  # (predict.workers goes through the same cap_workers)
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "predictions.csv"
+    left = tmp_path / f".predictions.csv.{dead.pid}-k1ll3d.csv"  # as atomic_path names them
+    left.write_text("half a file")
+    with atomic_path(out, suffix=".csv") as live:  # ours, being written now
+        live.write_text("in progress")
+        removed = remove_stale_temporaries(tmp_path, [out.name, "other.csv"])
+        assert removed == [left] and not left.exists() and live.exists()
+    assert out.read_text() == "in progress"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]
