@@ -159,7 +159,9 @@ def test_first_run_computed_every_step_and_made_artifacts(run):
         )
     by_key = {a.key: a for a in arts}
     assert {"ingest-report", "evaluation", "prediction-summary", "predictions"} <= set(by_key)
-    assert "Ingest of" in by_key["ingest-report"].data
+    ingest_md = by_key["ingest-report"].data
+    assert "# Ingest" in ingest_md and "quarantined" in ingest_md
+    assert "case-0" not in ingest_md and str(run[0].raw) not in ingest_md  # no source path
     assert "precision_at_1" in str(by_key["evaluation"].data)
 
 
