@@ -70,7 +70,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, secret):
     ingest(src, ws_clean, None, IngestConfig(workers=1), progress=False)
     assert _state(ws_killed) == _state(ws_clean)
     assert len(_state(ws_clean)[0]) == 10
-    leftovers = [p for p in ws_killed.root.rglob(".*") if p.name != ".deid-secret"]
+    leftovers = [p for p in ws_killed.root.rglob(".*") if p.name not in {".deid-secret", ".lock"}]
     assert not leftovers
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from medml.predict.prefetch import Prefetcher, auto_workers
@@ -35,5 +37,6 @@ def test_worker_processes_prepare_the_same_batches_in_order(ingested, tiny_setti
 def test_workers_start_only_for_enough_inputs():
     assert auto_workers(10, None, min_inputs=64) == 0
     assert auto_workers(100, None, min_inputs=64) >= 1
-    assert auto_workers(100, 3, min_inputs=64) == 3
+    assert auto_workers(100, 3, min_inputs=64) == min(3, os.cpu_count() or 1)  # capped
+    assert auto_workers(100, 10_000, min_inputs=64) == (os.cpu_count() or 1)
     assert auto_workers(10, 0, min_inputs=64) == 0
