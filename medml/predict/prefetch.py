@@ -7,7 +7,9 @@ order, and about ``ahead`` inputs per worker are in flight beyond the batch bein
 so memory stays flat however many scans come. Processes, not threads: much of the work is
 Python and MONAI glue that holds the GIL (measured on 2 cores with the demo's model: 50
 scans/s in one process, 68 with two threads, 81 with two worker processes). Workers are
-spawned, so a script that predicts with workers needs the usual ``if __name__ == "__main__":``.
+spawned, so a script that predicts with workers needs the usual ``if __name__ == "__main__":``;
+they die with the predicting process (``medml.processes.die_with_parent``), and there are at
+most as many as CPUs.
 """
 
 from __future__ import annotations
