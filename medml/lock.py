@@ -97,14 +97,12 @@ def workspace_lock(
     if _is_secondary_rank():
         yield
         return
-    with _GUARD:
+    with _GUARD:  # held while acquiring too: two threads never lock one file twice
         held = _HELD.get(key)
         if held is not None:
             held.count += 1
-    if held is None:
-        held = _acquire(root, command, wait, catalog_url)
-        with _GUARD:
-            _HELD[key] = held
+        else:
+            held = _HELD[key] = _acquire(root, command, wait, catalog_url)
     try:
         yield
     finally:

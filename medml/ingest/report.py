@@ -110,3 +110,11 @@ def _link_unique(tmp: Path, folder: Path, stem: str) -> Path:
             return path
         except FileExistsError:
             n += 1
+        except OSError:  # a filesystem without hard links: claim the name, then fill it
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                n += 1
+                continue
+            os.replace(tmp, path)
+            return path
