@@ -255,10 +255,12 @@ def plan_cmd(
         float | None,
         typer.Option(min=0.01, help="Memory a training batch may use [plan.memory_gb; detected]."),
     ] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Fingerprint the catalog and write WS/plans.json: target spacing, input size, CT window or
     MR normalisation, batch size. Steps that resolve the plans take from them every setting
     their config leaves unset (see docs/planning.md)."""
+    from medml.lock import WorkspaceBusy
     from medml.planning import PlanningError, plan_workspace
 
     settings = _settings(config, set_)
@@ -269,8 +271,9 @@ def plan_cmd(
             param_hint="--workspace",
         )
     try:
-        plans, path = plan_workspace(ws, settings.plan, memory_gb)
-    except PlanningError as exc:
+        with _writing(ws, "plan", wait):
+            plans, path = plan_workspace(ws, settings.plan, memory_gb)
+    except (PlanningError, WorkspaceBusy) as exc:
         _fail(exc)
     fp = plans.fingerprint
     intensity = (
@@ -357,7 +360,10 @@ def train_cmd(
 
 @app.command("pretrain")
 def pretrain_cmd(
-    config: ConfigOpt = None, set_: SetOpt = None, workspace: WorkspaceOpt = None
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Self-supervised pretraining (SimCLR / NT-Xent) of the encoder on every catalog scan
     outside the test split, labels unused. Then train from it with
@@ -367,7 +373,8 @@ def pretrain_cmd(
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
     try:
-        result = pretrain(settings, ws)
+        with _writing(ws, "pretrain", wait):
+            result = pretrain(settings, ws)
     except Exception as exc:
         _fail(exc)
     typer.echo(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from medml.catalog import Catalog
 from medml.config import PlanConfig
+from medml.lock import workspace_lock
 from medml.planning.fingerprint import (
     EMPTY_CATALOG,
     Fingerprint,
@@ -52,5 +53,6 @@ def plan_workspace(
     if not catalog_exists(ws):
         raise PlanningError(EMPTY_CATALOG)
     cfg = cfg or PlanConfig()
-    plans = make_plans(fingerprint(ws, Catalog(ws.catalog_url), cfg), memory_gb, cfg)
-    return plans, write_plans(ws, plans)
+    with workspace_lock(ws.root, "plan", catalog_url=ws.catalog_url):  # after the checks above
+        plans = make_plans(fingerprint(ws, Catalog(ws.catalog_url), cfg), memory_gb, cfg)
+        return plans, write_plans(ws, plans)

@@ -28,6 +28,7 @@ from medml.config import Settings, flatten
 from medml.data.augment import BatchAugment
 from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.transforms import KEY
+from medml.lock import writes_workspace
 from medml.models.encoder import Encoder, build_encoder
 from medml.models.inference import device
 from medml.planning import resolve
@@ -61,6 +62,7 @@ def nt_xent_step(
     return loss_fn(encoder(views).float(), ids)
 
 
+@writes_workspace("pretrain")
 def pretrain(settings: Settings, ws: Workspace, progress: bool = True) -> PretrainResult:
     """Contrastive pretraining in an MLflow run of ``train.experiment``; the encoder's path."""
     from pytorch_metric_learning.losses import NTXentLoss
