@@ -23,12 +23,12 @@ import multiprocessing, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from medml.config import IngestConfig
-from medml.ingest import WorkerContext, _init_worker
+from medml.ingest.conversion import WorkerContext, init_worker
 from medml.ingest.deid import KeyMaker
 
 marks = Path(sys.argv[1])
 ctx = WorkerContext(marks, marks, marks, KeyMaker(b"k"), IngestConfig())
-pool = ProcessPoolExecutor(2, multiprocessing.get_context("spawn"), initializer=_init_worker,
+pool = ProcessPoolExecutor(2, multiprocessing.get_context("spawn"), initializer=init_worker,
                            initargs=(ctx,))
 task = (f"import os, time; open({str(marks)!r} + '/' + str(os.getpid()), 'w').close(); "
         "time.sleep(60)")
@@ -75,11 +75,11 @@ def test_ingest_workers_die_when_their_parent_is_killed(tmp_path):
 
 
 def test_workers_are_capped_at_the_cpu_count():
-    from medml.ingest import _Ingestor
+    from medml.ingest import Ingestor
 
     cpus = os.cpu_count() or 1
     assert cap_workers(10_000) == cpus and cap_workers(1) == 1
-    ingestor = _Ingestor.__new__(_Ingestor)
+    ingestor = Ingestor.__new__(Ingestor)
     ingestor.cfg = IngestConfig(workers=10_000)
     assert ingestor.workers([]) == cpus  # (predict.workers goes through the same cap_workers)
 
