@@ -271,8 +271,8 @@ def plan_cmd(
             param_hint="--workspace",
         )
     try:
-        with _writing(ws, "plan", wait):
-            plans, path = plan_workspace(ws, settings.plan, memory_gb)
+        # the lock is taken inside, after the checks: a missing workspace is never created
+        plans, path = plan_workspace(ws, settings.plan, memory_gb, wait=wait)
     except (PlanningError, WorkspaceBusy) as exc:
         _fail(exc)
     fp = plans.fingerprint

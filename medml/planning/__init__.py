@@ -44,15 +44,19 @@ __all__ = [
 
 
 def plan_workspace(
-    ws: Workspace, cfg: PlanConfig | None = None, memory_gb: float | None = None
+    ws: Workspace,
+    cfg: PlanConfig | None = None,
+    memory_gb: float | None = None,
+    wait: bool = False,
 ) -> tuple[Plans, Path]:
     """Fingerprint the workspace's catalog, make the plans and write them; nothing is created
-    when the workspace or its catalog does not exist."""
+    when the workspace or its catalog does not exist. Runs under the workspace lock (``wait``:
+    queue behind another writer instead of failing)."""
     if not ws.root.is_dir():
         raise PlanningError(f"workspace {ws.root} does not exist: {EMPTY_CATALOG}")
     if not catalog_exists(ws):
         raise PlanningError(EMPTY_CATALOG)
     cfg = cfg or PlanConfig()
-    with workspace_lock(ws.root, "plan", catalog_url=ws.catalog_url):  # after the checks above
+    with workspace_lock(ws.root, "plan", wait, ws.catalog_url):  # after the checks above
         plans = make_plans(fingerprint(ws, Catalog(ws.catalog_url), cfg), memory_gb, cfg)
         return plans, write_plans(ws, plans)
