@@ -159,6 +159,9 @@ def _acquire(root: Path, command: str, wait: bool, catalog_url: str | None) -> _
         os.pwrite(fd, json.dumps(info).encode(), 0)
         pg = _pg_lock(catalog_url, info, wait, root) if _is_postgres(catalog_url) else None
     except BaseException:
+        with contextlib.suppress(OSError):  # our details, if written, are no one's now
+            if holder(root) and holder(root).get("pid") == os.getpid():
+                os.ftruncate(fd, 0)
         os.close(fd)  # closing drops the flock too
         raise
     return _Held(1, fd, pg)
