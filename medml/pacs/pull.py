@@ -22,6 +22,7 @@ import pydicom
 from medml.config import IngestConfig, PredictConfig, Settings
 from medml.ingest.deid import KeyMaker, load_secret
 from medml.io import atomic_path, jsonable
+from medml.lock import workspace_lock
 from medml.pacs import inbox
 from medml.pacs.config import PacsConfig
 from medml.pacs.ledger import FAILED, PREDICTED, SENT, Ledger
@@ -416,7 +417,9 @@ def ingest_received(settings: Settings, ws: Workspace) -> Callable[[Receipt], No
     """The receiver's hand-on: ingest each quiet study, then remove its raw files."""
 
     def hand_on(receipt: Receipt) -> None:
-        report, per = ingest_folder(receipt.folder.parent, ws, settings.ingest)
+        # queue behind another writer (a training) rather than strand the study in the inbox
+        with workspace_lock(ws.root, "listen", wait=True, catalog_url=ws.catalog_url):
+            report, per = ingest_folder(receipt.folder.parent, ws, settings.ingest)
         own = per.get(receipt.folder.name, {"scan_ids": [], "error": "nothing ingested"})
         note = f" ({own['error']})" if own["error"] else ""
         n = len(own["scan_ids"])
