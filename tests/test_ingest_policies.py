@@ -336,3 +336,26 @@ def test_rounded_oblique_orientation_is_not_gantry_tilt(tmp_path):
         slices = [Slice(p, read_header(p)) for p in sorted(folder.glob("*.dcm"))]
         problems[folder.name] = [p.case for p in check_series(Series("1.2.3", slices))]
     assert problems == {"oblique": [], "sheared": ["gantry_tilt"]}
+
+
+def test_fifos_are_named_never_opened_and_unlistable_folders_are_reported(tmp_path):
+    """A FIFO used to be listed among links (and a read of it hangs); a folder that cannot be
+    listed was missing from the report altogether."""
+    from medml.ingest import ingest
+    from medml.workspace import Workspace
+
+    src = tmp_path / "src"
+    (src / "locked").mkdir(parents=True)
+    (src / "notes.txt").write_text("not an image")
+    os.mkfifo(src / "pipe")
+    os.chmod(src / "locked", 0)
+    try:
+        result = ingest(src, Workspace(tmp_path / "ws"), progress=False)
+    finally:
+        os.chmod(src / "locked", 0o755)
+    report = json.loads(result.report_path.read_text())
+    assert report["special_files"] == ["pipe"]
+    assert report["links_not_followed"] == []
+    assert [f["path"] for f in report["files"]] == ["notes.txt"]
+    if os.geteuid() != 0:  # root lists any folder: only a user can be refused
+        assert report["unreadable_folders"] == ["locked"]

@@ -58,6 +58,8 @@ class IngestReport:
     finished: str | None = None
     files: list[FileRecord] = field(default_factory=list)
     links_not_followed: list[str] = field(default_factory=list)
+    special_files: list[str] = field(default_factory=list)  # FIFOs, devices, sockets
+    unreadable_folders: list[str] = field(default_factory=list)  # could not be listed
 
     def counts(self) -> dict[str, int]:
         by_status = Counter(r.status for r in self.files)
@@ -79,6 +81,10 @@ class IngestReport:
             "files": [r.to_json() for r in sorted(self.files, key=lambda r: r.path)],
             # Symlinks to folders and broken links: listed, never entered (loops cannot trap us).
             "links_not_followed": sorted(printable(p) for p in self.links_not_followed),
+            # Never opened (a read of a FIFO would hang), and folders that could not be listed:
+            # their files are not in `files`, so they are named here.
+            "special_files": sorted(printable(p) for p in self.special_files),
+            "unreadable_folders": sorted(printable(p) for p in self.unreadable_folders),
         }
 
     def write(self, reports_dir: Path) -> Path:

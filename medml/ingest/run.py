@@ -34,7 +34,7 @@ from medml.ingest.deid import KeyMaker, load_secret
 from medml.ingest.faults import raise_if_environment
 from medml.ingest.labels import LabelIndex
 from medml.ingest.report import FileRecord, IngestReport, printable
-from medml.ingest.walk import walk
+from medml.ingest.walk import walk_tree
 from medml.lock import workspace_lock
 from medml.processes import cap_workers
 from medml.workspace import Workspace
@@ -85,8 +85,13 @@ class Ingestor:
 
     def run(self, progress: bool) -> IngestResult:
         self.clean_stale_temporaries()
-        files, links = walk(self.src)
-        self.report.links_not_followed = [self.rel(p) for p in links]
+        tree = walk_tree(self.src)
+        files = tree.files
+        self.report.links_not_followed = [self.rel(p) for p in tree.links]
+        self.report.special_files = [self.rel(p) for p in tree.special]
+        self.report.unreadable_folders = [self.rel(p) for p in tree.unreadable]
+        for folder in tree.unreadable:
+            log.warning("ingest: folder %s could not be listed", self.rel(folder))
         n = self.workers(files)
         pool = None
         if n > 1:  # spawn: fork is unsafe in threaded callers (Prefect, MLflow)
