@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,17 +55,18 @@ def child(uri: str, folder: Path, out: Path, batch_size: int, tracking: str, wor
     """One predict_frame run; prints scans/s, the model-only rate and peak RSS as JSON."""
     import mlflow
 
-    from medml.predict.batch import discover_inputs, predict_frame
+    from medml.predict.batch import inputs_frame, predict_frame
     from medml.predict.prefetch import Prefetcher
     from medml.predict.pyfunc import load_medml_model
 
     torch.set_num_threads(1)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
-    paths = discover_inputs([folder])
+    frame = inputs_frame([folder])
+    paths = list(frame.path)
     s = predict_frame(
         uri,
-        pd.DataFrame({"path": paths}),
+        frame,
         out,
         batch_size,
         progress=False,
@@ -104,8 +104,8 @@ def child(uri: str, folder: Path, out: Path, batch_size: int, tracking: str, wor
             list(prefetch.map(batches[:2]))  # workers started and warm
 
             def end_to_end() -> None:
-                for v, ids, errs in prefetch.map(batches):
-                    model.rows(model.embed_volumes(v), ids, errs)
+                for paths_b, (v, ids, errs) in zip(batches, prefetch.map(batches)):
+                    model.rows(paths_b, model.embed_volumes(v), ids, errs)
 
             result["model_only_scans_per_s"] = _median_rate(len(paths), model_only)
             result["prepare_one_core_scans_per_s"] = _median_rate(len(paths), prepare_only)

@@ -44,7 +44,7 @@ def predict_batches(
 
 
 def predict_rows(
-    rows: list[dict[str, str]], model_uri: str, settings: Settings, ws: Workspace, out: Path
+    rows: list[dict[str, Any]], model_uri: str, settings: Settings, ws: Workspace, out: Path
 ) -> dict[str, Any]:
     """Resolve the model, predict ``rows`` on the configured runner, write ``out``."""
     model = run_step(resolve_model, settings, ws, "io", model_uri=model_uri, workspace=str(ws.root))
@@ -53,7 +53,9 @@ def predict_rows(
         parts = predict_batches.with_options(task_runner=runner)(
             model["uri"], model["tag"], rows, settings, str(ws.root)
         )
-    summary = run_step(write_predictions, settings, ws, "io", parts=parts, out=str(out))
+    summary = run_step(
+        write_predictions, settings, ws, "io", parts=parts, out=str(out), settings=settings
+    )
     return {**summary, "model_uri": model["uri"]}
 
 
@@ -72,13 +74,13 @@ def batch_inference_flow(
     o, pc = settings.orchestration, settings.prototypes
     inputs = inputs or [str(o.watch_dir or ws.root / "inbox")]
     model_uri = model_uri or f"models:/{pc.model_name}@{pc.alias}"
-    paths = run_step(discover, settings, ws, "io", inputs=inputs)
-    if not paths:
-        log.info("nothing to predict under %s", ", ".join(inputs))
+    rows = run_step(discover, settings, ws, "io", inputs=inputs)
+    if not rows:
+        log.info("nothing to predict under %d given paths", len(inputs))
         return {"predictions": None, "n": 0, "errors": 0, "counts": {}, "model_uri": model_uri}
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_path = Path(out) if out else ws.reports / "predictions" / f"predictions-{stamp}.csv"
-    summary = predict_rows([{"path": p} for p in paths], model_uri, settings, ws, out_path)
+    summary = predict_rows(rows, model_uri, settings, ws, out_path)
     artifacts.predictions(summary, summary["model_uri"])
-    log.info("%d inputs, %d errors -> %s", summary["n"], summary["errors"], out_path)
+    log.info("%d inputs, %d errors -> %s", summary["n"], summary["errors"], summary["predictions"])
     return summary

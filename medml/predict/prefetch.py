@@ -24,6 +24,7 @@ import torch
 
 from medml.config import PreprocessConfig
 from medml.data.transforms import KEY, deterministic_chain
+from medml.predict.inputs import DOES_NOT_EXIST, describe_error
 from medml.predict.loading import load_input
 
 # (volume or None, content scan id or None, error message or None) for one input
@@ -34,13 +35,16 @@ _CHAIN: Any = None
 
 
 def prepare(chain: Any, path: str) -> Prepared:
-    """One input through reading and ``chain``; an unreadable input becomes an error message."""
+    """One input through reading and ``chain``; an unreadable input becomes an error message
+    (scrubbed of paths and header values: it reaches logs and Prefect artifacts)."""
+    if not os.path.lexists(path):
+        return None, None, DOES_NOT_EXIST
     try:
         tensor, scan_id = load_input(path)
         volume = torch.as_tensor(chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
         return volume.numpy(), scan_id, None
     except Exception as exc:  # one bad input must not sink the batch
-        return None, None, f"{type(exc).__name__}: {exc}"
+        return None, None, describe_error(exc, path)
 
 
 def _init(cfg: PreprocessConfig) -> None:
