@@ -275,6 +275,7 @@ class _Tally:
         self.n_skip += n_cached
         self.counts.update(result["predicted_class"].dropna().tolist())
         for pos, sid, err in zip(positions, result["scan_id"], result["error"]):
+            sid = sid if isinstance(sid, str) else None
             if isinstance(err, str):
                 self.n_err += 1
                 log.warning("input %d (scan %s): %s", pos, sid or "-", err)

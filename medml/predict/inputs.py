@@ -50,30 +50,24 @@ def discover_inputs(paths: list[str | Path]) -> list[Input]:
 
 
 def _walk_folder(folder: str, top: bool = False) -> list[Input]:
-    """A folder's scans: itself when it holds files and no NIfTI (a DICOM series), its NIfTI
-    files, then its subfolders, entries by name."""
+    """A folder's scans: itself first when it holds files and no NIfTI (a DICOM series), then
+    its entries by name: NIfTI files, subfolders (walked), links to folders (not followed)."""
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         return [Input(folder, f"folder cannot be read ({_os_reason(exc)})")]
-    files, dirs, links = [], [], []
+    files = [e for e in entries if not e.is_dir() and e.is_file()]
+    nifti = any(is_nifti_name(Path(e.name)) for e in files)
+    out: list[Input] = [Input(folder)] if files and not nifti else []  # a series folder
     for e in entries:
         path = os.path.join(folder, e.name)
         if e.is_symlink() and e.is_dir():
-            links.append(Input(path, FOLDER_LINK))
+            out.append(Input(path, FOLDER_LINK))
         elif e.is_dir(follow_symlinks=False):
-            dirs.append(path)
-        elif e.is_file():
-            files.append(path)
-    nifti = [f for f in files if is_nifti_name(Path(f))]
-    out: list[Input] = []
-    if files and not nifti:
-        out.append(Input(folder))  # a series folder
-    out.extend(Input(f) for f in nifti)
-    children = sorted([*(Input(d) for d in dirs), *links], key=lambda i: i.path)
-    for child in children:
-        out.extend([child] if child.error else _walk_folder(child.path))
+            out.extend(_walk_folder(path))
+        elif e.is_file() and is_nifti_name(Path(e.name)):
+            out.append(Input(path))
     if top and not out:
         out.append(Input(folder, NO_SCANS))
     return out

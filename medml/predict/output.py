@@ -35,10 +35,10 @@ def csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with formula-like text cells and headers escaped and floats rounded."""
     out = frame.copy()
     for col in out.columns:
-        if out[col].dtype == object:
-            out[col] = out[col].map(csv_text)
-        elif pd.api.types.is_float_dtype(out[col]):
+        if pd.api.types.is_float_dtype(out[col]):
             out[col] = out[col].round(CSV_DECIMALS)
+        elif pd.api.types.is_object_dtype(out[col]) or pd.api.types.is_string_dtype(out[col]):
+            out[col] = out[col].map(csv_text)
     out.columns = [csv_text(str(c)) for c in out.columns]
     return out
 
