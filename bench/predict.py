@@ -187,6 +187,7 @@ def main() -> None:
     from medml.catalog import Catalog
     from medml.config import load_settings
     from medml.ingest import ingest
+    from medml.registry.package import package_run
     from medml.synth import generate
     from medml.tracking import configure
     from medml.train import train
@@ -203,12 +204,13 @@ def main() -> None:
         )
         configure(ws)
         trained = train(settings, ws, progress=False)
+        model_uri = package_run(trained.run_id, settings, ws, trained.checkpoint)
         volumes = [ws.root / s["volume"] for s in Catalog(ws.catalog_url).list_scans()]
         runs = {}
         for n in args.sizes:
             folder = _inputs(ws.root, volumes, n)
             cmd = [sys.executable, __file__, "--batch-size", str(args.batch_size)]
-            cmd += ["--workers", str(args.workers), "--child", trained.model_uri, str(folder)]
+            cmd += ["--workers", str(args.workers), "--child", model_uri, str(folder)]
             cmd += [str(tmp_path / f"pred-{n}.csv"), ws.mlflow_uri]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -245,7 +247,7 @@ def main() -> None:
             f"{large['peak_rss_mb'] / small['peak_rss_mb']:.3f} (goal <= 1.10)"
         )
         if not args.skip_real_size:
-            big = real_size_series(args.config, tmp_path, trained.model_uri)
+            big = real_size_series(args.config, tmp_path, model_uri)
             print(
                 f"real-size CT series ({big['matrix']}^2 x {big['slices']} slices, DICOM): "
                 f"one prediction {big['medml']:.2f} s (read + chain + forward, model loaded) vs "

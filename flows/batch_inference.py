@@ -8,6 +8,8 @@ files' fingerprints, so a nightly run over an unchanged folder predicts nothing 
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,15 @@ from medml.workspace import Workspace
 def predict_batches(
     model_uri: str,
     model_tag: str,
-    rows: list[dict[str, str]],
+    rows_file: str,
     settings: Settings,
     workspace: str,
 ) -> list[list[dict[str, Any]]]:
-    """Map ``predict-batch`` over batches of rows (``path`` and optional ``scan_id``)."""
+    """Map ``predict-batch`` over batches of the rows in ``rows_file`` (``path`` and optional
+    ``scan_id``, ``error``). A file in the workspace, not the rows themselves: Prefect keeps a
+    flow run's parameters in its own database, outside the workspace, and paths may identify
+    patients."""
+    rows = json.loads(Path(rows_file).read_text())
     size = settings.orchestration.scans_per_task
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     step = configured(predict_batch, settings, Workspace(Path(workspace)), "io", timeout=False)
@@ -49,9 +55,15 @@ def predict_rows(
     """Resolve the model, predict ``rows`` on the configured runner, write ``out``."""
     model = run_step(resolve_model, settings, ws, "io", model_uri=model_uri, workspace=str(ws.root))
     runner = task_runner(settings.orchestration)
-    with reachable_api(settings.orchestration):
+    ws.reports.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.NamedTemporaryFile("w", dir=ws.reports, prefix=".inputs-", suffix=".json") as fh,
+        reachable_api(settings.orchestration),
+    ):
+        json.dump(rows, fh)
+        fh.flush()
         parts = predict_batches.with_options(task_runner=runner)(
-            model["uri"], model["tag"], rows, settings, str(ws.root)
+            model["uri"], model["tag"], fh.name, settings, str(ws.root)
         )
     summary = run_step(
         write_predictions, settings, ws, "io", parts=parts, out=str(out), settings=settings

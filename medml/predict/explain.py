@@ -32,6 +32,8 @@ from medml.predict.pyfunc import MedmlModel, prob_column, thumbnails
 MARKERS = (("R", "L", "P", "A"), ("R", "L", "I", "S"), ("A", "P", "I", "S"))
 VIEWS = ("axial", "coronal", "sagittal")
 NEAR_TIE = 0.05  # a margin below this is flagged in the title
+OVERLAY_CMAP = "inferno"
+OVERLAY_ALPHA = 0.75  # opacity of the strongest saliency; weaker saliency fades out linearly
 
 
 class SimilarityHead(nn.Module):
@@ -123,6 +125,17 @@ def _title(row: pd.Series, classes: list[str], position: int) -> str:
     ).rstrip()
 
 
+def _overlay(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Saliency as an RGBA image whose opacity grows with the value, so the anatomy stays
+    readable where the saliency is low."""
+    import matplotlib
+
+    level = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    rgba = matplotlib.colormaps[OVERLAY_CMAP](level)
+    rgba[..., 3] = OVERLAY_ALPHA * level
+    return rgba
+
+
 def _markers(ax, view: int) -> None:
     left, right, bottom, top = MARKERS[view]
     style = {"color": "yellow", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}
@@ -158,24 +171,24 @@ def write_explanation(
     sal, sal_label = saliency(model, volume, best)
     scan = display_views(thumbnails(volume).astype(np.float32))
     sal_views = display_views(thumbnails(torch.as_tensor(sal)[None]).astype(np.float32))
-    hi = float(np.percentile(np.abs(sal), 99.5)) or 1.0
+    # the colour range of what is shown (the three slices), robust to a few extreme voxels
+    hi = float(np.percentile(np.abs(np.stack(sal_views)), 99.5)) or 1.0
     lo = -hi if sal.min() < 0 else 0.0
 
     n_nb = len(neighbour_idx)
     fig = plt.figure(figsize=(11, 4.6 + 1.9 * n_nb), dpi=110)
     grid = fig.add_gridspec(1 + n_nb, 4, height_ratios=[3.4] + [1.4] * n_nb,
                             width_ratios=[1, 1, 1, 0.06])  # fmt: skip
-    image = None
     for j in range(3):
         ax = fig.add_subplot(grid[0, j])
         ax.imshow(scan[j], cmap="gray", origin="lower", interpolation="bicubic")
-        image = ax.imshow(sal_views[j], cmap="inferno", alpha=0.45, origin="lower",
-                          interpolation="bicubic", vmin=lo, vmax=hi)  # fmt: skip
+        ax.imshow(_overlay(sal_views[j], lo, hi), origin="lower", interpolation="bicubic")
         _markers(ax, j)
         ax.set_title(VIEWS[j], fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    bar = fig.colorbar(image, cax=fig.add_subplot(grid[0, 3]))
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(lo, hi), OVERLAY_CMAP)
+    bar = fig.colorbar(scale, cax=fig.add_subplot(grid[0, 3]))
     bar.set_label(f"{sal_label}, towards {protos.classes[best]}", fontsize=8)
     for r, idx in enumerate(neighbour_idx, start=1):
         views = (
@@ -197,7 +210,7 @@ def write_explanation(
                     fontsize=8,
                 )
     fig.suptitle(_title(row, protos.classes, position), fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out_dir) / explanation_name(position, str(row["input"]))
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp)
