@@ -55,9 +55,15 @@ def _apply_spacing(img: MetaTensor) -> MetaTensor:
         return apply_pending(img, overrides={"dtype": torch.float32})[0]  # oblique: MONAI's own
     shape = [int(n) for n in pending[LazyAttr.SHAPE]]
     src_affine = img.affine.double()
+    # Work in memory order (a NIfTI volume is Fortran-ordered, the RAS reorientation permutes
+    # and flips): the outermost axis first, where a gather copies whole blocks, so the strided
+    # passes run on data already shrunk.
     x = img.as_tensor().float()
-    for axis in range(3):
-        n = x.shape[axis + 1]
+    dims = sorted(range(1, 4), key=lambda dim: -x.stride(dim))
+    x = x.permute(0, *dims).contiguous()
+    for pos, dim in enumerate(dims, start=1):
+        axis = dim - 1
+        n = x.shape[pos]
         # grid_sample's "border" padding clamps the coordinate to the volume
         coord = (
             (torch.arange(shape[axis], dtype=torch.float64) * matrix[axis, axis])
@@ -67,9 +73,10 @@ def _apply_spacing(img: MetaTensor) -> MetaTensor:
         lo = coord.floor().long()
         hi = (lo + 1).clamp_(max=n - 1)
         view = [1, 1, 1, 1]
-        view[axis + 1] = -1
+        view[pos] = -1
         w = (coord - lo).float().view(view)
-        x = torch.lerp(x.index_select(axis + 1, lo), x.index_select(axis + 1, hi), w)
+        x = torch.lerp(x.index_select(pos, lo), x.index_select(pos, hi), w)
+    x = x.permute(0, *(1 + dims.index(d) for d in range(1, 4))).contiguous()
     dst_affine = src_affine @ torch.as_tensor(matrix, dtype=torch.float64)
     return MetaTensor(x, affine=dst_affine)
 
