@@ -31,7 +31,7 @@ from flows.artifacts import predictions_markdown
 from medml.cli import app
 from medml.predict.batch import inputs_frame, predict_frame, write_rows
 from medml.predict.explain import _title, gradient_saliency, occlusion_saliency
-from medml.predict.loader import TamperedModelError, open_model
+from medml.predict.loader import TamperedModelError, open_model, write_manifest
 from medml.predict.output import csv_safe
 from medml.predict.progress import Progress
 from medml.registry.register import register_prototypes
@@ -219,7 +219,7 @@ def test_unknown_alias_lists_what_exists_and_names_the_store(model, tmp_path):
     assert res.exit_code == 2, res.output
     flat = _flat(res.output)
     assert _flat(ws.mlflow_uri) in flat  # the store searched
-    assert f"{PREDICT_NAME}:versions1;" in flat and "@champion" in flat
+    assert f"{PREDICT_NAME}:versions1" in flat and "@champion" in flat
 
 
 def test_training_on_an_empty_catalog_says_ingest_first(tmp_path):
@@ -366,6 +366,10 @@ def test_stored_code_is_never_run_and_tampering_is_refused(model, tmp_path):
         open_model(uri)
     with pytest.raises(TamperedModelError):
         mlflow.pyfunc.load_model(uri)  # MLflow's own loading goes through the same check
+    # rewriting the manifest too is caught by the hashes kept in the tracking store
+    write_manifest(stored.parent)
+    with pytest.raises(TamperedModelError, match="recorded in the tracking store"):
+        open_model(uri)
     assert not marker.exists()
 
 

@@ -6,7 +6,7 @@ only data: ``encoder.pt`` (a state dict, ``torch.load(weights_only=True)``), ``p
 (``allow_pickle=False``), ``settings.yaml`` (``yaml.safe_load``) and ``sha256.json``, the SHA-256
 of each of them recorded when the model was logged. Every file is checked against its hash
 before it is read; a mismatch is refused. The same hashes are tagged on the MLflow run
-(``medml.sha256``) in the tracking store, so medml's own loading (:func:`open_model`) also
+(``medml.sha256.<digest>``) in the tracking store, so medml's own loading (:func:`open_model`) also
 catches an artifact store rewritten together with its manifest.
 
 Models logged by older medml versions "from code" (MLflow executed the stored
@@ -33,7 +33,7 @@ from medml.predict.pyfunc import MedmlModel
 LOADER_MODULE = "medml.predict.loader"
 MANIFEST = "sha256.json"
 ARTIFACTS = {"encoder": "encoder.pt", "prototypes": "prototypes.npz", "settings": "settings.yaml"}
-RUN_TAG = "medml.sha256"  # the manifest's hashes, in the tracking store
+RUN_TAG = "medml.sha256"  # + "." + manifest_digest(...): a manifest logged in that run
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,25 @@ def write_manifest(folder: Path) -> dict[str, str]:
     return hashes
 
 
-def verify(folder: Path, expected: dict[str, str] | None = None) -> dict[str, str]:
-    """Check each data file against the manifest (and ``expected``, when given); the hashes."""
+def manifest_digest(hashes: dict[str, str]) -> str:
+    """A short digest of a manifest, the suffix of its run tag (one run may log several
+    models: the training run is packaged again with other settings)."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def run_tag(hashes: dict[str, str]) -> str:
+    return f"{RUN_TAG}.{manifest_digest(hashes)}"
+
+
+def verify(folder: Path, tracked: set[str] | None = None) -> dict[str, str]:
+    """Check each data file against the manifest, and the manifest against the run tags
+    ``tracked`` (when the run has any); the hashes."""
     folder = Path(folder)
     try:
         recorded = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise TamperedModelError(f"model data has no readable {MANIFEST}: refusing it") from exc
-    if expected is not None and expected != recorded:
+    if tracked and run_tag(recorded) not in tracked:
         raise TamperedModelError(
             f"the model's {MANIFEST} differs from the hashes recorded in the tracking store "
             "when it was logged: the artifact store was modified; refusing to load it"
@@ -84,10 +95,10 @@ def verify(folder: Path, expected: dict[str, str] | None = None) -> dict[str, st
     return recorded
 
 
-def load_folder(folder: Path, expected: dict[str, str] | None = None) -> MedmlModel:
+def load_folder(folder: Path, tracked: set[str] | None = None) -> MedmlModel:
     """A :class:`MedmlModel` from a verified data folder."""
     folder = Path(folder)
-    verify(folder, expected)
+    verify(folder, tracked)
     return _from_files(folder)
 
 
@@ -143,15 +154,15 @@ def open_model(model_uri: str) -> OpenedModel:
     return OpenedModel(model, meta.model_uuid or model_uri)
 
 
-def _tracked_hashes(meta: Model) -> dict[str, str] | None:
-    """The hashes tagged on the model's run in the tracking store (None if unreachable)."""
+def _tracked_hashes(meta: Model) -> set[str] | None:
+    """The manifest tags of the model's run in the tracking store (None if unreachable)."""
     if not meta.run_id:
         return None
     try:
-        tag = mlflow.MlflowClient().get_run(meta.run_id).data.tags.get(RUN_TAG)
+        tags = mlflow.MlflowClient().get_run(meta.run_id).data.tags
     except MlflowException:
         return None
-    return json.loads(tag) if tag else None
+    return {k for k in tags if k.startswith(RUN_TAG + ".")}
 
 
 def _load_legacy(model_uri: str, artifacts: Path) -> MedmlModel:

@@ -25,7 +25,7 @@ from medml.fewshot.prototypes import Prototypes, build_prototypes
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import embed_scans
 from medml.planning import resolve
-from medml.predict.loader import ARTIFACTS, LOADER_MODULE, RUN_TAG, write_manifest
+from medml.predict.loader import ARTIFACTS, LOADER_MODULE, run_tag, write_manifest
 from medml.predict.pyfunc import signature
 from medml.workspace import Workspace
 
@@ -37,7 +37,7 @@ def log_model(
 
     The model's ``loader_module`` is :mod:`medml.predict.loader` (code of the installed medml,
     never a file in the artifact store); its data folder holds the three artifacts and their
-    SHA-256, which are also tagged on the run (``medml.sha256``) in the tracking store.
+    SHA-256, which are also tagged on the run (``medml.sha256.<digest>``) in the tracking store.
     """
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # An input example would need a real scan; the signature documents the input instead.
@@ -48,7 +48,7 @@ def log_model(
         prototypes.save(data / ARTIFACTS["prototypes"])
         (data / ARTIFACTS["settings"]).write_text(yaml.safe_dump(settings.model_dump(mode="json")))
         hashes = write_manifest(data)
-        mlflow.set_tag(RUN_TAG, json.dumps(hashes, sort_keys=True))
+        mlflow.set_tag(run_tag(hashes), json.dumps(hashes, sort_keys=True))
         return mlflow.pyfunc.log_model(
             name="model",
             loader_module=LOADER_MODULE,
