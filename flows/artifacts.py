@@ -92,13 +92,19 @@ def sweep(result: dict[str, Any]) -> None:
 
 
 def predictions(summary: dict[str, Any], model_uri: str) -> None:
-    """Class counts and errors of one batch inference."""
+    """Class counts and errors of one batch inference; the failed inputs by position (the
+    prediction file's row) and scan id with their reasons, never by path."""
     counts = summary.get("counts", {})
     rows = [{"class": c, "scans": n} for c, n in sorted(counts.items())]
     rows.append({"class": "error", "scans": summary.get("errors", 0)})
     create_table_artifact(
         rows, key="prediction-summary", description=f"{summary['n']} inputs with {model_uri}"
     )
+    create_markdown_artifact(predictions_markdown(summary, model_uri), key="predictions")
+
+
+def predictions_markdown(summary: dict[str, Any], model_uri: str) -> str:
+    """The ``predictions`` artifact's text: counts, then the failed inputs (first MAX_ROWS)."""
     lines = [
         f"# Predictions with `{model_uri}`",
         "",
@@ -106,4 +112,27 @@ def predictions(summary: dict[str, Any], model_uri: str) -> None:
     ]
     if "accuracy_vs_labels" in summary and summary["accuracy_vs_labels"] is not None:
         lines.append(f"\nAccuracy against catalog labels: {summary['accuracy_vs_labels']:.3f}")
-    create_markdown_artifact("\n".join(lines), key="predictions")
+    failures = summary.get("failures") or []
+    if failures:
+        lines += [
+            "",
+            f"## Failed inputs ({summary['errors']})",
+            "",
+            "Position is the row of the prediction file, whose `input` column names the input.",
+            "",
+            "| position | scan id | reason |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {f['position']} | {f.get('scan_id') or '-'} | {_cell(f['error'])} |"
+            for f in failures[:MAX_ROWS]
+        ]
+        if summary["errors"] > min(len(failures), MAX_ROWS):
+            shown = min(len(failures), MAX_ROWS)
+            lines.append(f"| ... | | {summary['errors'] - shown} more in the prediction file |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")

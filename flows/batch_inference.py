@@ -8,6 +8,8 @@ files' fingerprints, so a nightly run over an unchanged folder predicts nothing 
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,15 @@ from medml.workspace import Workspace
 def predict_batches(
     model_uri: str,
     model_tag: str,
-    rows: list[dict[str, str]],
+    rows_file: str,
     settings: Settings,
     workspace: str,
 ) -> list[list[dict[str, Any]]]:
-    """Map ``predict-batch`` over batches of rows (``path`` and optional ``scan_id``)."""
+    """Map ``predict-batch`` over batches of the rows in ``rows_file`` (``path`` and optional
+    ``scan_id``, ``error``). A file in the workspace, not the rows themselves: Prefect keeps a
+    flow run's parameters in its own database, outside the workspace, and paths may identify
+    patients."""
+    rows = json.loads(Path(rows_file).read_text())
     size = settings.orchestration.scans_per_task
     batches = [rows[i : i + size] for i in range(0, len(rows), size)]
     step = configured(predict_batch, settings, Workspace(Path(workspace)), "io", timeout=False)
@@ -44,16 +50,24 @@ def predict_batches(
 
 
 def predict_rows(
-    rows: list[dict[str, str]], model_uri: str, settings: Settings, ws: Workspace, out: Path
+    rows: list[dict[str, Any]], model_uri: str, settings: Settings, ws: Workspace, out: Path
 ) -> dict[str, Any]:
     """Resolve the model, predict ``rows`` on the configured runner, write ``out``."""
     model = run_step(resolve_model, settings, ws, "io", model_uri=model_uri, workspace=str(ws.root))
     runner = task_runner(settings.orchestration)
-    with reachable_api(settings.orchestration):
+    ws.reports.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.NamedTemporaryFile("w", dir=ws.reports, prefix=".inputs-", suffix=".json") as fh,
+        reachable_api(settings.orchestration),
+    ):
+        json.dump(rows, fh)
+        fh.flush()
         parts = predict_batches.with_options(task_runner=runner)(
-            model["uri"], model["tag"], rows, settings, str(ws.root)
+            model["uri"], model["tag"], fh.name, settings, str(ws.root)
         )
-    summary = run_step(write_predictions, settings, ws, "io", parts=parts, out=str(out))
+    summary = run_step(
+        write_predictions, settings, ws, "io", parts=parts, out=str(out), settings=settings
+    )
     return {**summary, "model_uri": model["uri"]}
 
 
@@ -72,13 +86,13 @@ def batch_inference_flow(
     o, pc = settings.orchestration, settings.prototypes
     inputs = inputs or [str(o.watch_dir or ws.root / "inbox")]
     model_uri = model_uri or f"models:/{pc.model_name}@{pc.alias}"
-    paths = run_step(discover, settings, ws, "io", inputs=inputs)
-    if not paths:
-        log.info("nothing to predict under %s", ", ".join(inputs))
+    rows = run_step(discover, settings, ws, "io", inputs=inputs)
+    if not rows:
+        log.info("nothing to predict under %d given paths", len(inputs))
         return {"predictions": None, "n": 0, "errors": 0, "counts": {}, "model_uri": model_uri}
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out_path = Path(out) if out else ws.reports / "predictions" / f"predictions-{stamp}.csv"
-    summary = predict_rows([{"path": p} for p in paths], model_uri, settings, ws, out_path)
+    summary = predict_rows(rows, model_uri, settings, ws, out_path)
     artifacts.predictions(summary, summary["model_uri"])
-    log.info("%d inputs, %d errors -> %s", summary["n"], summary["errors"], out_path)
+    log.info("%d inputs, %d errors -> %s", summary["n"], summary["errors"], summary["predictions"])
     return summary

@@ -7,7 +7,6 @@ timeouts and result storage are applied per run by ``flows.runtime.configured``.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -401,13 +400,14 @@ def resolve_model(model_uri: str, workspace: str) -> dict[str, str]:
 
 
 @task(name="discover-inputs", cache_policy=NO_CACHE)
-def discover(inputs: list[str]) -> list[str]:
-    """NIfTI files and DICOM series folders under the given paths (medml.predict.batch)."""
-    from medml.predict.batch import discover_inputs
+def discover(inputs: list[str]) -> list[dict[str, str | None]]:
+    """NIfTI files and DICOM series folders under the given paths, in input order, as rows
+    (``path``, and ``error`` when known unusable) (medml.predict.batch.inputs_frame)."""
+    from medml.predict.batch import inputs_frame
 
-    found = discover_inputs(inputs)
-    get_run_logger().info("%d inputs under %s", len(found), ", ".join(inputs))
-    return found
+    found = inputs_frame(inputs)
+    get_run_logger().info("%d inputs under %d given paths", len(found), len(inputs))
+    return found.to_dict("records")
 
 
 @task(
@@ -416,7 +416,7 @@ def discover(inputs: list[str]) -> list[str]:
         lambda p: [
             p["model_tag"],
             p["settings"].predict,
-            [r.get("scan_id") for r in p["rows"]],
+            [(r.get("scan_id"), r.get("error")) for r in p["rows"]],
             paths_fingerprint(r["path"] for r in p["rows"]),
         ],
         "medml.predict.batch",
@@ -427,35 +427,31 @@ def predict_batch(
     model_uri: str, model_tag: str, rows: list[dict[str, str]], settings: Settings, workspace: str
 ) -> list[dict[str, Any]]:
     """Predict one batch of inputs (medml.predict.batch.predict_frame); rows come back as JSON
-    records so a cached batch needs no file of its own."""
+    records (null, never NaN) so a cached batch needs no file of its own."""
     from medml.predict.batch import predict_frame
     from medml.tracking import configure
 
-    ws = _ws(workspace)
-    configure(ws)
-    with tempfile.TemporaryDirectory(dir=ws.reports) as tmp:
-        summary = predict_frame(
-            model_uri,
-            pd.DataFrame(rows),
-            Path(tmp) / "part.csv",
-            settings.predict.batch_size,
-            progress=False,
-            # the task runner maps batches in parallel already: no process pool per task
-            workers=settings.predict.workers or 0,
-        )
-        frame = pd.read_csv(summary.out)
+    configure(_ws(workspace))
+    summary = predict_frame(
+        model_uri,
+        pd.DataFrame(rows),
+        None,
+        settings.predict.batch_size,
+        progress=False,
+        # the task runner maps batches in parallel already: no process pool per task
+        workers=settings.predict.workers or 0,
+    )
     get_run_logger().info("%d inputs, %d errors", summary.n_inputs, summary.n_errors)
+    frame = summary.rows
     return jsonable(frame.astype(object).where(frame.notna(), None).to_dict("records"))
 
 
 @task(name="write-predictions", cache_policy=NO_CACHE)
-def write_predictions(parts: list[list[dict[str, Any]]], out: str) -> dict[str, Any]:
-    """Concatenate the batches into one CSV, written atomically."""
-    from medml.io import atomic_path
+def write_predictions(
+    parts: list[list[dict[str, Any]]], out: str, settings: Settings
+) -> dict[str, Any]:
+    """The batches, in input order, as the prediction files (medml.predict.batch.write_rows)."""
+    from medml.predict.batch import write_rows
 
-    frame = pd.DataFrame([row for part in parts for row in part])
-    with atomic_path(Path(out), suffix=".csv") as tmp:
-        frame.to_csv(tmp, index=False)
-    errors = int(frame["error"].notna().sum()) if "error" in frame else 0
-    counts = frame["predicted_class"].value_counts().to_dict() if "predicted_class" in frame else {}
-    return jsonable({"predictions": out, "n": len(frame), "errors": errors, "counts": counts})
+    records = [row for part in parts for row in part]
+    return jsonable(write_rows(records, Path(out), settings.predict.formats))

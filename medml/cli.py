@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperOption
 
 from medml.workspace import Workspace
 
@@ -27,6 +28,17 @@ for _key, _value in (
     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
 ):
     os.environ.setdefault(_key, _value)
+
+_type_shown = TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: TyperOption, ctx: Any) -> str | None:
+    # typer 0.29 shows flags (--rerun, --help) as `--rerun <bool>`, which reads as if they took
+    # a value; a flag takes none, so show no type.
+    return "" if self.is_flag else _type_shown(self, ctx)
+
+
+TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     help="medml: raw CT/MRI exports -> de-identified catalog -> metric-learning encoder -> "
@@ -80,6 +92,40 @@ def _tracked_workspace(explicit: Path | None) -> Workspace:
     ws = _workspace(explicit)
     configure(ws)
     return ws
+
+
+def _read_workspace(explicit: Path | None) -> Workspace:
+    """The workspace of a command that only reads (predict, evaluate, promote), with MLflow
+    pointed at it; refused (exit 2) when it does not exist, so that no read creates one."""
+    from medml.tracking import configure
+
+    ws = _workspace(explicit)
+    uri = ws.mlflow_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise typer.BadParameter(
+            f"no workspace at {ws.root} (no {Path(uri.removeprefix('sqlite:///')).name} there): "
+            "pass --workspace (or set MEDML_WORKSPACE) to the folder `medml pipeline` or "
+            "`medml train` wrote, or set MLFLOW_TRACKING_URI to your tracking server",
+            param_hint="--workspace",
+        )
+    configure(ws)
+    return ws
+
+
+def _require_catalog(ws: Workspace) -> None:
+    """Refuse to train on an empty catalog before any MLflow run is started."""
+    from medml.catalog import Catalog
+
+    url = ws.catalog_url
+    missing = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
+    if missing or not Catalog(url).list_scans():
+        typer.secho(
+            f"error: the catalog is empty ({url}): run `medml ingest SRC` (or `medml pipeline`) "
+            "first, or pass --workspace to the workspace that holds your scans",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _json_line(payload: dict[str, Any]) -> None:
@@ -334,6 +380,7 @@ def train_cmd(
 
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
+    _require_catalog(ws)
     last = None
     if resume:
         last = (
@@ -409,6 +456,7 @@ def sweep_cmd(
         )
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
+    _require_catalog(ws)
     try:
         with _writing(ws, "sweep", wait):
             result = sweep(settings, ws, names, seeds, progress=True)
@@ -441,7 +489,7 @@ def evaluate_cmd(
     from medml.predict.pyfunc import load_medml_model
     from medml.tracking import use_experiment
 
-    ws = _tracked_workspace(workspace)
+    ws = _read_workspace(workspace)
     try:
         m = load_medml_model(model)
         updates = {k: v for k, v in (("ways", ways), ("shots", shots), ("episodes", episodes)) if v}
@@ -540,7 +588,10 @@ def predict_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Scans per forward pass.")] = None,
     explain: Annotated[
         Path | None,
-        typer.Option(help="Folder for a saliency PNG per scan beside its nearest support."),
+        typer.Option(
+            help="Folder for an explanation PNG per predicted scan (also for predictions "
+            "reused from an earlier run)."
+        ),
     ] = None,
     rerun: Annotated[
         bool, typer.Option("--rerun", help="Predict again scans this model already predicted.")
@@ -549,18 +600,17 @@ def predict_cmd(
     overrides: SetOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """Batch inference on new scans: class, probabilities, similarity; error rows for bad inputs."""
-    import pandas as pd
-
-    from medml.predict.batch import discover_inputs, predict_frame
+    """Batch inference on new scans: one row per input, in input order, with the input's path
+    first; error rows for bad inputs. Schema: docs/inference.md."""
+    from medml.predict.batch import inputs_frame, predict_frame
+    from medml.predict.loader import ModelNotFoundError
 
     pc = _settings(config, overrides).predict
-    _tracked_workspace(workspace)
+    _read_workspace(workspace)
     try:
-        frame = pd.DataFrame({"path": discover_inputs(inputs)}, dtype=object)
         summary = predict_frame(
             model,
-            frame,
+            inputs_frame([str(p) for p in inputs]),
             out,
             batch_size or pc.batch_size,
             formats=pc.formats,
@@ -568,12 +618,15 @@ def predict_cmd(
             explain=explain,
             workers=pc.workers,
         )
+    except ModelNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from exc
     except Exception as exc:
         _fail(exc)
+    explained = f"; {summary.n_explained} explanations in {explain}" if explain else ""
     typer.echo(
         f"{summary.n_inputs} inputs ({summary.n_skipped} already predicted by this model), "
         f"{summary.n_errors} errors, {summary.seconds:.1f}s, {summary.scans_per_s:.2f} scans/s; "
-        f"classes {summary.counts}; wrote {', '.join(map(str, summary.files))}"
+        f"classes {summary.counts}; wrote {', '.join(map(str, summary.files))}{explained}"
     )
 
 
@@ -593,7 +646,7 @@ def promote_cmd(
     """Compare @challenger with @champion on validation scans; move @champion if better."""
     from medml.registry.promote import promote
 
-    ws = _tracked_workspace(workspace)
+    ws = _read_workspace(workspace)
     try:
         with _writing(ws, "promote", wait):
             val = _validation_pairs(ws, validation)

@@ -6,13 +6,21 @@ Every tunable lives here with its default; code never hides constants of its own
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from medml.extensions import registry
 
@@ -350,6 +358,10 @@ class PredictConfig(_Strict):
     formats: list[Literal["csv", "parquet"]] = Field(
         ["csv", "parquet"], description="output files written beside each other"
     )
+    explain_method: Literal["smoothgrad", "occlusion"] = Field(
+        "smoothgrad", description="saliency of --explain: MONAI SmoothGrad or occlusion"
+    )
+    explain_samples: int = Field(16, ge=1, description="noisy copies averaged by SmoothGrad")
     explain_mask: int = Field(8, ge=1, description="occlusion patch size (voxels) of --explain")
 
 
@@ -586,7 +598,29 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | None = 
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         _set_dotted(raw, key.strip(), parse_yaml(text, f"--set {key.strip()}"))
-    return Settings.model_validate(raw)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        unknown = [e for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if not unknown:
+            raise
+        raise ValueError("\n".join(_unknown_key(e["loc"]) for e in unknown)) from None
+
+
+def _unknown_key(loc: tuple) -> str:
+    """``unknown key train.nope; valid keys of train: ...; did you mean ...?``"""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    section = ".".join(map(str, loc[:-1])) or "the top level"
+    dotted = ".".join(map(str, loc))
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return f"unknown key {dotted}"
+    valid = sorted(model.model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.3)
+    hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (near[0],)))}?" if near else ""
+    return f"unknown key {dotted}; valid keys of {section}: {', '.join(valid)}{hint}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -71,3 +71,65 @@ def fit_and_package(settings: Settings, ws: Workspace, **kwargs):
     fitted.metrics = evaluate_run(fitted.run_id, settings, ws, fitted.checkpoint)
     fitted.model_uri = package_run(fitted.run_id, settings, ws, fitted.checkpoint)
     return fitted
+
+
+# ------------------------------------------------------------------ a trained tiny model
+
+PREDICT_NAME = "medml-tiny"
+
+
+def _noise_volume(path: Path, seed: int) -> str:
+    """A scan of a class the encoder never saw: uniform noise in a 24^3 volume."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(-1000, 400, size=(24, 24, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([8.0, 8.0, 8.0, 1.0])), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def predict_model(tmp_path_factory, ingested, tiny_settings):
+    """A 1-epoch model, v1 = base classes calibrated on val (@champion), noise scans on disk.
+
+    Shared by the prediction tests; tests that change the registry add versions and aliases
+    of their own (``models:/medml-tiny/1`` stays the base model)."""
+    import shutil
+
+    import numpy as np
+
+    from medml.fewshot.prototypes import select_support
+    from medml.registry.register import catalog_pairs, register_prototypes
+    from medml.tracking import configure
+
+    root = tmp_path_factory.mktemp("predict")
+    shutil.copytree(ingested.root, root / "ws")
+    for sub in ("checkpoints", "mlartifacts"):
+        shutil.rmtree(root / "ws" / sub, ignore_errors=True)
+    (root / "ws" / "mlflow.db").unlink(missing_ok=True)
+    ws = Workspace(root / "ws").ensure()
+    settings = tiny_settings.model_copy(
+        update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
+    )
+    configure(ws)
+    trained = fit_and_package(settings, ws)
+    train_pairs = catalog_pairs(ws, "train")
+    picks = select_support([lab for _, lab in train_pairs], 2, np.random.default_rng(0))
+    base_support = [train_pairs[i] for i in picks]
+    val = catalog_pairs(ws, "val")
+    v1 = register_prototypes(
+        trained.model_uri,
+        base_support,
+        PREDICT_NAME,
+        "champion",
+        validation=val,
+        target_far=0.05,
+        workspace=ws,
+    )
+    (root / "noise").mkdir()
+    noise = [_noise_volume(root / "noise" / f"n{s}.nii.gz", s) for s in range(10)]
+    return {
+        "root": root, "ws": ws, "v1": v1, "support": base_support, "val": val, "noise": noise,
+        "trained": trained, "settings": settings,
+    }  # fmt: skip

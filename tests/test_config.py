@@ -22,7 +22,8 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
 
 
 def test_unknown_keys_and_bad_values_are_rejected():
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError, match=r"unknown key train.epoch; valid keys of train: .*"
+                       r"did you mean train.epochs\?"):  # fmt: skip
         load_settings(None, ["train.epoch=3"])  # typo
     with pytest.raises(ValidationError):
         load_settings(None, ["split.train=0.9"])  # fractions no longer sum to 1

@@ -13,73 +13,35 @@ import sys
 from pathlib import Path
 
 import mlflow
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import fit_and_package
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from medml.cli import app
-from medml.fewshot.prototypes import select_support
 from medml.predict.batch import ledger_path, predict_frame
 from medml.predict.pyfunc import load_medml_model
-from medml.registry.register import catalog_pairs, register_prototypes
 from medml.tracking import configure
-from medml.workspace import Workspace
 
 NAME = "medml-tiny"
 runner = CliRunner()
 
 
-def _noise_volume(path: Path, seed: int) -> str:
-    """A scan of a class the encoder never saw: uniform noise in a 24^3 volume."""
-    rng = np.random.default_rng(seed)
-    data = rng.uniform(-1000, 400, size=(24, 24, 24)).astype(np.float32)
-    nib.save(nib.Nifti1Image(data, np.diag([8.0, 8.0, 8.0, 1.0])), str(path))
-    return str(path)
+def _refuse(constant: str):
+    raise ValueError(f"not strict JSON: {constant}")
 
 
 def _missing(value) -> bool:
-    """JSON output writes a missing value as null or NaN."""
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    """JSON output writes a missing value as null."""
+    return value is None
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, ingested, tiny_settings):
-    """A 1-epoch model, v1 = base classes calibrated on val (@champion), noise scans on disk."""
-    root = tmp_path_factory.mktemp("predict")
-    shutil.copytree(ingested.root, root / "ws")
-    for sub in ("checkpoints", "mlartifacts"):
-        shutil.rmtree(root / "ws" / sub, ignore_errors=True)
-    (root / "ws" / "mlflow.db").unlink(missing_ok=True)
-    ws = Workspace(root / "ws").ensure()
-    settings = tiny_settings.model_copy(
-        update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
-    )
-    configure(ws)
-    trained = fit_and_package(settings, ws)
-    train_pairs = catalog_pairs(ws, "train")
-    picks = select_support([lab for _, lab in train_pairs], 2, np.random.default_rng(0))
-    base_support = [train_pairs[i] for i in picks]
-    val = catalog_pairs(ws, "val")
-    v1 = register_prototypes(
-        trained.model_uri,
-        base_support,
-        NAME,
-        "champion",
-        validation=val,
-        target_far=0.05,
-        workspace=ws,
-    )
-    (root / "noise").mkdir()
-    noise = [_noise_volume(root / "noise" / f"n{s}.nii.gz", s) for s in range(10)]
-    return {
-        "root": root, "ws": ws, "v1": v1, "support": base_support, "val": val, "noise": noise,
-        "trained": trained, "settings": settings,
-    }  # fmt: skip
+def setup(predict_model):
+    configure(predict_model["ws"])
+    return predict_model
 
 
 def test_calibration_is_fitted_on_validation_and_logged(setup):
@@ -192,12 +154,13 @@ def test_mlflow_models_predict_from_the_command_line(setup):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((root / "out.json").read_text())["predictions"]
+    rows = json.loads((root / "out.json").read_text(), parse_constant=_refuse)["predictions"]
     assert len(rows) == 2
     assert _missing(rows[0]["error"]) and rows[0]["predicted_class"]
     assert rows[0]["similarity"] <= 1.0 and rows[0]["margin"] >= 0
     assert len(rows[0]["nearest_support"].split(";")) == 3
-    assert "missing.nii.gz" in rows[1]["error"] and _missing(rows[1]["predicted_class"])
+    assert rows[1]["error"] == "does not exist" and _missing(rows[1]["predicted_class"])
+    assert rows[1]["input"].endswith("missing.nii.gz") and _missing(rows[1]["similarity"])
     # The same model through the Python API by alias.
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     assert model.metadata.signature.inputs.input_names() == ["path", "scan_id"]
@@ -229,12 +192,14 @@ def test_batch_error_rows_parquet_idempotent_rerun_and_explain(setup):
     pq_rows = pd.read_parquet(out.with_suffix(".parquet"))
     assert len(csv_rows) == len(pq_rows) == 5
     assert list(csv_rows.scan_id.dropna()) == list(pq_rows.scan_id.dropna())
-    errors = csv_rows.error.dropna().tolist()
-    assert any("broken.nii.gz" in e for e in errors) and any("gone.nii.gz" in e for e in errors)
-    text = out.read_text()
-    assert "patient_" not in text and "path" not in csv_rows.columns  # nothing identifying
+    assert list(csv_rows["input"]) == rows  # the path as given, in input order
+    errors = csv_rows.error.tolist()
+    assert errors[-1] == "does not exist" and "NIfTI" in errors[0]  # broken.nii.gz sorts first
+    assert not any(isinstance(e, str) and "nii.gz" in e for e in errors)  # no path in errors
     pngs = sorted((root / "explain").glob("*.png"))
-    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
+    assert [p.name for p in pngs] == ["0002_patient_0.png", "0003_patient_1.png",
+                                      "0004_patient_2.png"]  # fmt: skip
+    assert all(p.stat().st_size > 1000 for p in pngs)
 
     again = predict_frame(
         f"models:/{NAME}@champion",

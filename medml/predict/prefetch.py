@@ -26,6 +26,7 @@ import torch
 
 from medml.config import PreprocessConfig
 from medml.data.transforms import KEY, deterministic_chain
+from medml.predict.inputs import DOES_NOT_EXIST, describe_error
 from medml.predict.loading import load_input
 from medml.processes import cap_workers, die_with_parent
 
@@ -37,13 +38,16 @@ _CHAIN: Any = None
 
 
 def prepare(chain: Any, path: str) -> Prepared:
-    """One input through reading and ``chain``; an unreadable input becomes an error message."""
+    """One input through reading and ``chain``; an unreadable input becomes an error message
+    (scrubbed of paths and header values: it reaches logs and Prefect artifacts)."""
+    if not os.path.lexists(path):
+        return None, None, DOES_NOT_EXIST
     try:
         tensor, scan_id = load_input(path)
         volume = torch.as_tensor(chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
         return volume.numpy(), scan_id, None
     except Exception as exc:  # one bad input must not sink the batch
-        return None, None, f"{type(exc).__name__}: {exc}"
+        return None, None, describe_error(exc, path)
 
 
 def _init(cfg: PreprocessConfig) -> None:

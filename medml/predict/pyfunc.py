@@ -1,10 +1,13 @@
 """The deployable model: an MLflow pyfunc bundling encoder weights, prototypes and settings.
 
 Input: a DataFrame with a ``path`` column (NIfTI file or DICOM series folder) and optionally
-``scan_id``. Output: one row per input with the predicted class (or 'unknown'), a probability
-per class, the similarity to the nearest prototype, the margin to the runner-up, the k nearest
-support scans (content ids, ';'-separated), an unknown flag, and an error message where the
-input could not be read. No input path or other identifying data is echoed back.
+``scan_id``. Output (:func:`output_columns`, the one schema of the CLI, the pyfunc and the
+Prefect flow; docs/inference.md): one row per input, in input order, with the ``input`` path as
+given first, then the content scan id, the predicted class (or 'unknown'), the similarity to
+the nearest prototype, the margin to the runner-up, a probability per class, an unknown flag,
+the k nearest support scans (content ids, ';'-separated), and an error message where the input
+could not be read. The ``input`` column is the one place an output names an input: error texts
+carry no path or header value.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -28,7 +30,6 @@ from medml.models.encoder import Encoder, build_encoder
 from medml.models.inference import device
 from medml.predict.prefetch import as_batch, prepare
 
-ENTRY = Path(__file__).with_name("mlflow_entry.py")
 INPUTS = Schema([ColSpec("string", "path"), ColSpec("string", "scan_id", required=False)])
 
 
@@ -36,9 +37,25 @@ def prob_column(name: str) -> str:
     return f"prob_{name}"
 
 
+def output_columns(classes: list[str]) -> list[str]:
+    """The prediction file's columns, in order (the contract's, then nothing else)."""
+    return [
+        "input",
+        "scan_id",
+        "predicted_class",
+        "similarity",
+        "margin",
+        *(prob_column(c) for c in classes),
+        "unknown",
+        "nearest_support",
+        "error",
+    ]
+
+
 def signature(classes: list[str]) -> ModelSignature:
     """Input ``path`` (+ optional ``scan_id``); the output columns for these classes."""
     out = [
+        ColSpec("string", "input"),
         ColSpec("string", "scan_id"),
         ColSpec("string", "predicted_class"),
         ColSpec("double", "similarity"),
@@ -61,6 +78,12 @@ def thumbnails(volume: torch.Tensor) -> np.ndarray:
     ):
         out[i, : sl.shape[0], : sl.shape[1]] = sl
     return out
+
+
+def strict_nulls(frame: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as None, so JSON serialisers (MLflow's REST replies) write null, never
+    NaN, which strict parsers such as JavaScript's ``JSON.parse`` reject."""
+    return frame.astype(object).where(frame.notna(), None)
 
 
 class MedmlModel(PythonModel):
@@ -118,17 +141,28 @@ class MedmlModel(PythonModel):
                 given if isinstance(given, str) and given else own
                 for given, own in zip(model_input["scan_id"], ids)
             ]
-        return self.rows(emb, ids, errors)[0]
+        return strict_nulls(self.rows(paths, emb, ids, errors)[0])
 
     def rows(
-        self, emb: np.ndarray, ids: list[str | None], errors: list[str | None]
+        self,
+        inputs: list[str],
+        emb: np.ndarray,
+        ids: list[str | None],
+        errors: list[str | None],
     ) -> tuple[pd.DataFrame, list[list[int]]]:
-        """Output rows for embedded inputs, and each row's nearest support indices."""
+        """Output rows (:func:`output_columns`) for embedded inputs, and each row's nearest
+        support indices."""
         ok = np.array([e is None for e in errors], dtype=bool)
         neighbour_idx: list[list[int]] = [[] for _ in errors]
         classes = self.prototypes.classes
         out = pd.DataFrame(
-            {"scan_id": ids, "predicted_class": None, "similarity": np.nan, "margin": np.nan}
+            {
+                "input": pd.Series(inputs, dtype=object),
+                "scan_id": pd.Series(ids, dtype=object),
+                "predicted_class": None,
+                "similarity": np.nan,
+                "margin": np.nan,
+            }
         )
         for c in classes:
             out[prob_column(c)] = np.nan
@@ -142,13 +176,18 @@ class MedmlModel(PythonModel):
             out.loc[ok, "nearest_support"] = [";".join(n) for n in d.neighbours]
             for i, idx in zip(np.flatnonzero(ok), d.neighbour_idx):
                 neighbour_idx[i] = idx.tolist()
-        out["unknown"] = out["predicted_class"] == UNKNOWN
-        out["error"] = errors
-        columns = ["scan_id", "predicted_class", "similarity", "margin"]
-        columns += [prob_column(c) for c in classes] + ["unknown", "nearest_support", "error"]
-        return out[columns], neighbour_idx
+        # an error row is neither known nor unknown: null, not False
+        out["unknown"] = pd.Series(
+            [(c == UNKNOWN) if e is None else None for c, e in zip(out["predicted_class"], errors)],
+            dtype=object,
+        )
+        out["error"] = pd.Series(errors, dtype=object)
+        return out[output_columns(classes)], neighbour_idx
 
 
 def load_medml_model(model_uri: str) -> MedmlModel:
-    """Load a registered/logged medml model and return the unwrapped :class:`MedmlModel`."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    """Load a registered/logged medml model (verified, no stored code run; see
+    :mod:`medml.predict.loader`) as a :class:`MedmlModel`."""
+    from medml.predict.loader import open_model
+
+    return open_model(model_uri).model

@@ -1,11 +1,14 @@
 """Package a trained encoder as the deployable MLflow pyfunc: weights, prototypes, settings.
 
-Loading a packaged model never unpickles anything: the encoder is a state dict read with
-``torch.load(weights_only=True)``, the prototypes an ``.npz`` without pickles, the settings YAML.
+Loading a packaged model never unpickles anything and never runs code from the artifact store:
+the encoder is a state dict read with ``torch.load(weights_only=True)``, the prototypes an
+``.npz`` without pickles, the settings YAML, each checked against its SHA-256 first
+(:mod:`medml.predict.loader`).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,35 +25,41 @@ from medml.fewshot.prototypes import Prototypes, build_prototypes
 from medml.models.encoder import Encoder, load_encoder
 from medml.models.inference import embed_scans
 from medml.planning import resolve
-from medml.predict.pyfunc import ENTRY, signature
+from medml.predict.loader import ARTIFACTS, LOADER_MODULE, run_tag, write_manifest
+from medml.predict.pyfunc import signature
 from medml.workspace import Workspace
 
 
 def log_model(
     encoder: Encoder, prototypes: Prototypes, settings: Settings, registered_name: str | None = None
 ) -> mlflow.models.model.ModelInfo:
-    """Log (and optionally register) the pyfunc under the active run as ``model``."""
+    """Log (and optionally register) the pyfunc under the active run as ``model``.
+
+    The model's ``loader_module`` is :mod:`medml.predict.loader` (code of the installed medml,
+    never a file in the artifact store); its data folder holds the three artifacts and their
+    SHA-256, which are also tagged on the run (``medml.sha256.<digest>``) in the tracking store.
+    """
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # An input example would need a real scan; the signature documents the input instead.
         warnings.filterwarnings("ignore", message=".*input example.*")
-        tmp_path = Path(tmp)
-        torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
-        prototypes.save(tmp_path / "prototypes.npz")
-        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        data = Path(tmp) / "data"
+        data.mkdir()
+        torch.save(encoder.state_dict(), data / ARTIFACTS["encoder"])
+        prototypes.save(data / ARTIFACTS["prototypes"])
+        (data / ARTIFACTS["settings"]).write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        hashes = write_manifest(data)
+        mlflow.set_tag(run_tag(hashes), json.dumps(hashes, sort_keys=True))
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(ENTRY),
-            artifacts={
-                k: str(tmp_path / f)
-                for k, f in (
-                    ("encoder", "encoder.pt"),
-                    ("prototypes", "prototypes.npz"),
-                    ("settings", "settings.yaml"),
-                )
-            },
+            loader_module=LOADER_MODULE,
+            data_path=str(data),
             signature=signature(prototypes.classes),
             registered_model_name=registered_name,
-            metadata={"medml_version": medml.__version__, "classes": prototypes.classes},
+            metadata={
+                "medml_version": medml.__version__,
+                "classes": prototypes.classes,
+                "sha256": hashes,
+            },
             pip_requirements=[f"medml=={medml.__version__}"],
         )
 
