@@ -58,6 +58,15 @@ def test_prediction_accepts_and_refuses_what_ingestion_does(tmp_path):
     assert report["files"][0]["reason"].startswith("gantry tilt")
     with pytest.raises(ValueError, match="gantry tilt"):
         load_input(folder, SeriesChecks())
+    # and batch prediction's preparation step passes the model's ingest settings on
+    from medml.config import PreprocessConfig
+    from medml.predict.prefetch import Prefetcher
+
+    pp = PreprocessConfig(pixdim=(8.0, 8.0, 8.0), spatial_size=(8, 8, 8))
+    for ingest, ok in ((cfg, True), (IngestConfig(), False)):
+        with Prefetcher(pp, 0, ingest=ingest) as prefetch:
+            vols, _, errors = next(prefetch.map([[str(folder)]]))
+        assert (vols[0] is not None) == ok and (errors[0] is None) == ok, errors
 
 
 def test_prediction_follows_the_missing_slice_policy(tmp_path):

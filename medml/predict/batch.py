@@ -179,7 +179,9 @@ def predict_frame(
         schema = arrow_schema(model.prototypes.classes)
         writer = TableWriter(stack, paths, schema) if paths else None
         ledger_fh = stack.enter_context(book.open("a")) if book is not None else None
-        prefetch = stack.enter_context(Prefetcher(model.settings.preprocess, n_workers))
+        prefetch = stack.enter_context(
+            Prefetcher(model.settings.preprocess, n_workers, ingest=model.settings.ingest)
+        )
         bar = stack.enter_context(Progress(len(frame), "predict", enabled=progress))
         for batch, mask, prepared in zip(batches, masks, prefetch.map(todo_paths)):
             fresh, neighbours, fresh_idx = _fresh_rows(model, batch, mask, prepared)

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from medml.config import PreprocessConfig
+from medml.config import IngestConfig, PreprocessConfig
 from medml.data.transforms import KEY, deterministic_chain
+from medml.ingest.checks import SeriesChecks
 from medml.predict.inputs import DOES_NOT_EXIST, describe_error
 from medml.predict.loading import load_input
 from medml.processes import cap_workers, die_with_parent
@@ -35,30 +36,33 @@ Prepared = tuple[np.ndarray | None, str | None, str | None]
 Batch = tuple[list[torch.Tensor | None], list[str | None], list[str | None]]
 
 _CHAIN: Any = None
+_CHECKS: SeriesChecks | None = None
 
 
-def prepare(chain: Any, path: str) -> Prepared:
-    """One input through reading and ``chain``; an unreadable input becomes an error message
-    (scrubbed of paths and header values: it reaches logs and Prefect artifacts)."""
+def prepare(chain: Any, path: str, checks: SeriesChecks | None = None) -> Prepared:
+    """One input through reading (``checks``: the ingestion's series checks, so prediction
+    refuses what ingestion refuses) and ``chain``; an unreadable input becomes an error
+    message (scrubbed of paths and header values: it reaches logs and Prefect artifacts)."""
     if not os.path.lexists(path):
         return None, None, DOES_NOT_EXIST
     try:
-        tensor, scan_id = load_input(path)
+        tensor, scan_id = load_input(path, checks)
         volume = torch.as_tensor(chain({KEY: tensor})[KEY]).as_subclass(torch.Tensor)
         return volume.numpy(), scan_id, None
     except Exception as exc:  # one bad input must not sink the batch
         return None, None, describe_error(exc, path)
 
 
-def _init(cfg: PreprocessConfig) -> None:
-    global _CHAIN
+def _init(cfg: PreprocessConfig, checks: SeriesChecks | None) -> None:
+    global _CHAIN, _CHECKS
     die_with_parent()  # a killed predict takes its workers with it
     torch.set_num_threads(1)  # one core per worker; the pool is the parallelism
     _CHAIN = deterministic_chain(cfg, load=False)
+    _CHECKS = checks
 
 
 def _prepare_in_worker(path: str) -> Prepared:
-    return prepare(_CHAIN, path)
+    return prepare(_CHAIN, path, _CHECKS)
 
 
 def as_batch(prepared: Iterable[Prepared]) -> Batch:
@@ -85,8 +89,15 @@ class Prefetcher:
     Use as a context manager; :meth:`map` yields one :data:`Batch` per list of paths, in order.
     """
 
-    def __init__(self, cfg: PreprocessConfig, workers: int, ahead: int = 2) -> None:
+    def __init__(
+        self,
+        cfg: PreprocessConfig,
+        workers: int,
+        ahead: int = 2,
+        ingest: IngestConfig | None = None,
+    ) -> None:
         self.cfg, self.workers, self.ahead = cfg, workers, ahead
+        self.checks = SeriesChecks.from_config(ingest or IngestConfig())
         self.pool: ProcessPoolExecutor | None = None
         self.chain = None
 
@@ -96,7 +107,7 @@ class Prefetcher:
                 self.workers,
                 multiprocessing.get_context("spawn"),
                 initializer=_init,
-                initargs=(self.cfg,),
+                initargs=(self.cfg, self.checks),
             )
         else:
             self.chain = deterministic_chain(self.cfg, load=False)
@@ -110,7 +121,7 @@ class Prefetcher:
         """The prepared batches, in order, with ``ahead`` inputs per worker being prepared."""
         if self.pool is None:
             for paths in batches:
-                yield as_batch(prepare(self.chain, p) for p in paths)
+                yield as_batch(prepare(self.chain, p, self.checks) for p in paths)
             return
         pending: deque[list[Future[Prepared]]] = deque()
         queued = self.ahead * self.workers  # inputs kept in flight beyond the next batch

@@ -26,6 +26,7 @@ from mlflow.types import ColSpec, Schema
 from medml.config import Settings
 from medml.data.transforms import deterministic_chain
 from medml.fewshot.prototypes import UNKNOWN, Prototypes
+from medml.ingest.checks import SeriesChecks
 from medml.models.encoder import Encoder, build_encoder
 from medml.models.inference import device
 from medml.predict.prefetch import as_batch, prepare
@@ -111,7 +112,8 @@ class MedmlModel(PythonModel):
         self, paths: list[str]
     ) -> tuple[list[torch.Tensor | None], list[str | None], list[str | None]]:
         """Network-ready volumes (None where unreadable), content scan ids, error messages."""
-        return as_batch(prepare(self._chain, p) for p in paths)
+        checks = SeriesChecks.from_config(self.settings.ingest)  # ingestion's own verdicts
+        return as_batch(prepare(self._chain, p, checks) for p in paths)
 
     @torch.no_grad()
     def embed_volumes(self, vols: list[torch.Tensor | None]) -> np.ndarray:
