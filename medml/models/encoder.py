@@ -67,12 +67,21 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = backbone.state_dict()
+    load_matching(backbone, state, str(path))
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
+    """Load the tensors of ``state`` whose names and shapes match ``module``'s, logging how
+    many (a classifier or another head stays as initialised); refuse when none matches."""
+    own = module.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"{path}: no tensor matches the {type(backbone).__name__} backbone")
-    backbone.load_state_dict(usable, strict=False)
-    log.info("loaded %d/%d backbone tensors from %s", len(usable), len(own), path)
+        raise ValueError(f"{source}: no tensor matches this {type(module).__name__}")
+    module.load_state_dict(usable, strict=False)
+    log.info(
+        "loaded %d/%d %s tensors from %s", len(usable), len(own), type(module).__name__, source
+    )
+    return len(usable)
 
 
 def build_encoder(cfg: ModelConfig) -> Encoder | EnsembleEncoder:

@@ -29,7 +29,7 @@ from medml.data.augment import BatchAugment
 from medml.data.dataset import cached_dataset, items_from_scans
 from medml.data.transforms import KEY
 from medml.lock import writes_workspace
-from medml.models.encoder import Encoder, build_encoder
+from medml.models.encoder import Encoder, build_encoder, load_matching
 from medml.models.inference import device
 from medml.planning import resolve
 from medml.tracking import configure, log_params_flat, use_experiment
@@ -121,10 +121,4 @@ def load_initial_weights(encoder: Encoder, init_from: str) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         state = torch.load(init_from, map_location="cpu", weights_only=True)
-    own = encoder.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"{init_from}: no tensor matches this encoder (another model config?)")
-    encoder.load_state_dict(usable, strict=False)
-    log.info("initialised %d/%d encoder tensors from %s", len(usable), len(own), init_from)
-    return len(usable)
+    return load_matching(encoder, state, init_from)
