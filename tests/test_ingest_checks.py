@@ -63,8 +63,8 @@ def test_prediction_accepts_and_refuses_what_ingestion_does(tmp_path):
     from medml.predict.prefetch import Prefetcher
 
     pp = PreprocessConfig(pixdim=(8.0, 8.0, 8.0), spatial_size=(8, 8, 8))
-    for ingest, ok in ((cfg, True), (IngestConfig(), False)):
-        with Prefetcher(pp, 0, ingest=ingest) as prefetch:
+    for ingest_cfg, ok in ((cfg, True), (IngestConfig(), False)):
+        with Prefetcher(pp, 0, ingest=ingest_cfg) as prefetch:
             vols, _, errors = next(prefetch.map([[str(folder)]]))
         assert (vols[0] is not None) == ok and (errors[0] is None) == ok, errors
 
