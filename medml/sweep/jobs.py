@@ -91,7 +91,15 @@ def run_fit(job: FitJob | dict[str, Any]) -> dict[str, Any]:
         job = FitJob(**{**job, "prune_reference": tuple(map(tuple, job["prune_reference"]))})
     settings = Settings.model_validate(job.settings)
     ws = Workspace(Path(job.workspace))
-    torch.set_num_threads(settings.sweep.torch_threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.sweep.torch_threads)  # results independent of the workers
+    try:
+        return _fit(job, settings, ws)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(job: FitJob, settings: Settings, ws: Workspace) -> dict[str, Any]:
     scans = Catalog(ws.catalog_url).list_scans(class_set="base")
     hooks: list[Hook] = []
     pruning = None

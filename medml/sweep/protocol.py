@@ -388,12 +388,12 @@ def _log_conclusion(
         for param, value in {"loss": s.loss, "refit_epochs": s.epochs, **{
             f"tuned.{k}": v for k, v in s.best_params.items()}}.items():  # fmt: skip
             _log_param_once(client, s.run_id, param, value)
-        metrics = {f"cv_{report.SHORT['mean_average_precision_at_r']}": s.cv_score}
+        metrics = {"cv_val_mean_average_precision_at_r": s.cv_score}
         for m in report.TABLE_METRICS:
             st = s.stat(m)
             if st.n:
                 metrics[f"test_{m}"], metrics[f"test_{m}_ci95"] = st.mean, st.ci95
-        metrics = {k.replace("@", "_at_"): v for k, v in metrics.items() if math.isfinite(v)}
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         for k, v in metrics.items():
             client.log_metric(s.run_id, k, v)
             client.log_metric(plan.parent, f"{s.loss}.{k}", v)
