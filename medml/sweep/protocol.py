@@ -125,7 +125,7 @@ def _plan(settings: Settings, ws: Workspace, losses: list[str]) -> _Plan:
 def _budget(sc: Any, epochs: int) -> str:
     return (
         f"{sc.folds} folds, {sc.trials} trials per loss, {epochs} epochs per trial "
-        f"(median pruning), {sc.seeds} seeds, final fits: {sc.final}"
+        f"(median pruning), {sc.seeds} seed{'s' if sc.seeds > 1 else ''}, final fits: {sc.final}"
     )
 
 

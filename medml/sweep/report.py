@@ -89,9 +89,6 @@ def markdown(summaries: Sequence[LossSummary], verdict: Verdict, metric: str, bu
     lines = [
         f"**Verdict:** {verdict.text}.",
         "",
-        f"Compared on test {SHORT.get(metric, metric)}; {budget}. "
-        "Test values: mean ± 95 % CI over the final fits.",
-        "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -104,7 +101,14 @@ def markdown(summaries: Sequence[LossSummary], verdict: Verdict, metric: str, bu
             *[_cell(s.stat(m)) for m in metrics],
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Paired comparisons (same seeds):", ""]
+    lines += [
+        "",
+        f"Compared on test {SHORT.get(metric, metric)}; {budget}. "
+        "Test values: mean ± 95 % CI over the final fits.",
+        "",
+        "Paired comparisons (same seeds):",
+        "",
+    ]
     short = SHORT.get(metric, metric)
     lines += [f"- {c.describe(short)}" for c in verdict.comparisons] or ["- none"]
     lines += ["", "Best settings found:", ""]

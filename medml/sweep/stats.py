@@ -42,10 +42,11 @@ class Paired:
     def describe(self, metric: str) -> str:
         if self.n == 0:
             return f"{self.a} vs {self.b}: no common pairs"
+        pairs = f"{self.n} pair{'s' if self.n > 1 else ''}"
         return (
             f"{self.a} − {self.b}: {self.mean_diff:+.3f} {metric} "
             f"(95 % CI {self.ci_low:+.3f} to {self.ci_high:+.3f}, Wilcoxon p = {self.p_value:.3f}, "
-            f"{self.n} pairs){' — significant' if self.significant else ''}"
+            f"{pairs}){' — significant' if self.significant else ''}"
         )
 
 
