@@ -131,9 +131,11 @@ def test_parent_run_carries_table_verdict_tags_and_figure(finished):
     loss_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in loss_runs) == sorted(LOSSES)
     for run in loss_runs:
-        assert {"test_accuracy", "test_accuracy_ci95", "cv_val_mean_average_precision_at_r"} <= set(
-            run.data.metrics
-        )
+        assert {
+            "compared_test_accuracy",
+            "test_accuracy_ci95",
+            "cv_val_mean_average_precision_at_r",
+        } <= set(run.data.metrics)
         assert run.data.params["loss"] == run.info.run_name
         fits = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
         assert len(fits) == 2 * 2 + 1  # folds x trials + seeds
@@ -254,8 +256,12 @@ def test_mlflow_ui_shows_the_verdict_and_the_per_loss_comparison(finished, mlflo
             {"runs": json.dumps(loss_ids), "experiments": json.dumps([exp.experiment_id])}
         )
         browser.get(f"{mlflow_ui}/#/compare-runs?{query}")
-        text = _wait_for_text(browser, ["test_accuracy", *LOSSES])
-        assert "cv_val_mean_average_precision_at_r" in text
+        # the parallel-coordinates plot opens on the compared metric, by the loss param
+        text = _wait_for_text(browser, ["compared_test_accuracy", "test_accuracy_ci95", *LOSSES])
+        deadline = time.time() + 30
+        while time.time() < deadline and not browser.find_elements(By.CSS_SELECTOR, ".parcoords"):
+            time.sleep(0.5)
+        assert browser.find_elements(By.CSS_SELECTOR, ".parcoords"), "no parallel-coordinates plot"
         browser.save_screenshot(str(shots / "sweep-compare.png"))
     finally:
         browser.quit()

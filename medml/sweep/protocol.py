@@ -383,12 +383,17 @@ def _log_conclusion(
     text: str,
     files: tuple[Path, ...],
 ) -> None:
-    client = MlflowClient()
+    client, sc = MlflowClient(), plan.settings.sweep
     for s in summaries:  # the per-loss runs: select them and press Compare
         for param, value in {"loss": s.loss, "refit_epochs": s.epochs, **{
             f"tuned.{k}": v for k, v in s.best_params.items()}}.items():  # fmt: skip
             _log_param_once(client, s.run_id, param, value)
-        metrics = {"cv_val_mean_average_precision_at_r": s.cv_score}
+        # The compare view plots the first metric the runs share, in name order: the compared
+        # one is named to come first ("compared_" < "cv_" < "test_").
+        metrics = {
+            f"compared_test_{sc.metric}": s.stat(sc.metric).mean,
+            "cv_val_mean_average_precision_at_r": s.cv_score,
+        }
         for m in report.TABLE_METRICS:
             st = s.stat(m)
             if st.n:
