@@ -385,8 +385,12 @@ def _log_conclusion(
 ) -> None:
     client, sc = MlflowClient(), plan.settings.sweep
     for s in summaries:  # the per-loss runs: select them and press Compare
-        for param, value in {"loss": s.loss, "refit_epochs": s.epochs, **{
-            f"tuned.{k}": v for k, v in s.best_params.items()}}.items():  # fmt: skip
+        # The compare view's parallel-coordinates plot starts on the first three differing
+        # params in name order: loss, lr, refit_epochs are the ones every loss has.
+        shared = {"loss": s.loss, "lr": s.best_params.get("train.lr", plan.settings.train.lr),
+                  "refit_epochs": s.epochs}  # fmt: skip
+        tuned = {f"tuned.{k}": v for k, v in s.best_params.items()}
+        for param, value in {**shared, **tuned}.items():
             _log_param_once(client, s.run_id, param, value)
         # The compare view plots the first metric the runs share, in name order: the compared
         # one is named to come first ("compared_" < "cv_" < "test_").
