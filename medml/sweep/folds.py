@@ -1,6 +1,9 @@
 """Cross-validation folds over train+val: patient-grouped, class-stratified, seeded.
 
-The test split never enters a fold: it is evaluated once, at the end of the protocol.
+The folds are ``medml.data.splits.patient_folds`` (scikit-learn's ``StratifiedGroupKFold``);
+this module refuses data those folds cannot stratify and names the folds by scan id, so a
+fold travels as plain data to another process. The test split never enters a fold: it is
+evaluated once, at the end of the protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sklearn.model_selection import StratifiedGroupKFold
+from medml.data.splits import patient_folds
 
 
 @dataclass(frozen=True)
@@ -27,23 +30,19 @@ def make_folds(scans: Sequence[dict[str, Any]], k: int, seed: int) -> list[Fold]
     Refuses data with fewer patients in some class than folds: such a fold could not be
     stratified, and its validation score would not measure that class.
     """
-    labels = [s["label"] for s in scans]
-    groups = [s["patient_key"] for s in scans]
     per_class: dict[str, set[str]] = {}
-    for label, group in zip(labels, groups):
-        per_class.setdefault(label, set()).add(group)
+    for s in scans:
+        per_class.setdefault(str(s["label"]), set()).add(s["patient_key"])
     short = {c: len(p) for c, p in per_class.items() if len(p) < k}
     if short:
         raise ValueError(
             f"{k} folds need at least {k} patients per class in train+val; "
             f"too few in {', '.join(f'{c} ({n})' for c, n in sorted(short.items()))}"
         )
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    ids = [s["scan_id"] for s in scans]
-    folds = []
-    for index, (train_idx, val_idx) in enumerate(splitter.split(ids, labels, groups)):
-        folds.append(Fold(index, tuple(ids[i] for i in train_idx), tuple(ids[i] for i in val_idx)))
-    return folds
+    return [
+        Fold(i, tuple(s["scan_id"] for s in fit), tuple(s["scan_id"] for s in held))
+        for i, (fit, held) in enumerate(patient_folds(scans, k, seed))
+    ]
 
 
 def pick(scans: Sequence[dict[str, Any]], ids: Sequence[str]) -> list[dict[str, Any]]:

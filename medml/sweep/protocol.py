@@ -102,6 +102,7 @@ def sweep(
 
 def _plan(settings: Settings, ws: Workspace, losses: list[str]) -> _Plan:
     sc = settings.sweep
+    settings = settings.single_model()  # each fit is one encoder (no train.folds ensemble)
     if sc.epochs:
         settings = settings.model_copy(
             update={"train": settings.train.model_copy(update={"epochs": sc.epochs})}
