@@ -36,6 +36,7 @@ from medml.catalog import Catalog
 from medml.config import Settings
 from medml.data.splits import ensure_splits
 from medml.io import atomic_path, atomic_write_text, jsonable
+from medml.planning import resolve
 from medml.sweep import report, search
 from medml.sweep.folds import Fold, make_folds
 from medml.sweep.jobs import FitJob, run_fit
@@ -102,7 +103,13 @@ def sweep(
 
 def _plan(settings: Settings, ws: Workspace, losses: list[str]) -> _Plan:
     sc = settings.sweep
-    settings = settings.single_model()  # each fit is one encoder (no train.folds ensemble)
+    if sc.metric not in report.TABLE_METRICS:
+        raise ValueError(
+            f"sweep.metric {sc.metric!r} is not a compared metric; one of "
+            + ", ".join(report.TABLE_METRICS)
+        )
+    # The workspace's plans fill unset keys (as train does), so the study key sees them.
+    settings = resolve(settings, ws).single_model()  # each fit is one encoder, no ensemble
     if sc.epochs:
         settings = settings.model_copy(
             update={"train": settings.train.model_copy(update={"epochs": sc.epochs})}
