@@ -439,16 +439,23 @@ def sweep_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     folds: Annotated[
-        int | None, typer.Option(min=2, help="Cross-validation folds on train+val (default: sweep.folds).")
+        int | None,
+        typer.Option(min=2, help="Cross-validation folds on train+val (default: sweep.folds)."),
     ] = None,
     trials: Annotated[
         int | None, typer.Option(min=1, help="Optuna trials per loss (default: sweep.trials).")
     ] = None,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Final fits per loss, each evaluated on test (default: sweep.seeds).")
+        int | None,
+        typer.Option(
+            min=1, help="Final fits per loss, each evaluated on test (default: sweep.seeds)."
+        ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Fits at once; > 1: a local Dask cluster (default: sweep.workers).")
+        int | None,
+        typer.Option(
+            min=1, help="Fits at once; > 1: a local Dask cluster (default: sweep.workers)."
+        ),
     ] = None,
     workspace: WorkspaceOpt = None,
     wait: WaitOpt = False,
