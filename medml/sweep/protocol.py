@@ -371,7 +371,9 @@ def _conclude(
         sc.baseline, report.SHORT.get(sc.metric, sc.metric), sc.alpha, sc.bootstrap,
         sc.sampler_seed,
     )  # fmt: skip
-    text = report.markdown(summaries, result, sc.metric, _budget(sc, plan.settings.train.epochs))
+    pairing = "same seed and fold" if sc.final == "folds" else "same seeds"
+    budget = _budget(sc, plan.settings.train.epochs)
+    text = report.markdown(summaries, result, sc.metric, budget, pairing)
     stem = plan.ws.reports / f"sweep-{plan.parent}"
     md, csv, png = (stem.with_suffix(s) for s in (".md", ".csv", ".png"))
     atomic_write_text(md, text)

@@ -81,7 +81,13 @@ def _params(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in sorted(params.items())) or "–"
 
 
-def markdown(summaries: Sequence[LossSummary], verdict: Verdict, metric: str, budget: str) -> str:
+def markdown(
+    summaries: Sequence[LossSummary],
+    verdict: Verdict,
+    metric: str,
+    budget: str,
+    pairing: str = "same seeds",
+) -> str:
     """The comparison table, the paired comparisons and the verdict, as markdown."""
     metrics = [m for m in TABLE_METRICS if any(s.stat(m).n for s in summaries)]
     head = ["loss", "trials (pruned)", "CV val MAP@R", "epochs"]
@@ -106,7 +112,7 @@ def markdown(summaries: Sequence[LossSummary], verdict: Verdict, metric: str, bu
         f"Compared on test {SHORT.get(metric, metric)}; {budget}. "
         "Test values: mean ± 95 % CI over the final fits.",
         "",
-        "Paired comparisons (same seeds):",
+        f"Paired comparisons ({pairing}):",
         "",
     ]
     short = SHORT.get(metric, metric)
