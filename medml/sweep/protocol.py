@@ -310,11 +310,13 @@ def _final_jobs(plan: _Plan, loss: str, best: optuna.trial.FrozenTrial) -> list[
     if sc.final == "folds":
         units = [(s, f) for s in range(sc.seeds) for f in plan.folds]
     for s, fold in units:
-        seed = plan.settings.train.seed + s
+        # Fresh seeds: the trials' seed helped pick the best setting on validation, and its
+        # luck would carry over to test (the winner's curse).
+        seed = plan.settings.train.seed + 1 + s
         train_cfg = {"seed": seed} if fold else {"seed": seed, "epochs": epochs}
         one = tuned.model_copy(update={"train": tuned.train.model_copy(update=train_cfg)})
         where = f"seed {s + 1}" + (f"{SEP}fold {fold.index + 1}" if fold else "")
-        unit = f"seed-{s}" + (f"-fold-{fold.index}" if fold else "")
+        unit = f"seed-{seed}" + (f"-fold-{fold.index}" if fold else "")
         jobs.append(
             FitJob(
                 key=f"{loss}/best-{best.number}-{sc.final}-{epochs}/{unit}",
