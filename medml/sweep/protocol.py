@@ -48,8 +48,12 @@ log = logging.getLogger(__name__)
 
 Mapper = Callable[[list[FitJob]], list[dict[str, Any]]]
 SEP = " · "
-# Sections that cannot change what a trial's fit produces.
-NOT_FITTING = {"workspace", "synth", "ingest", "prototypes", "predict", "orchestration", "sweep"}
+# Sections that cannot change what a trial's fit produces (``plan`` acts through the resolved
+# settings, which are hashed); a new section elsewhere starts new studies, to be safe.
+NOT_FITTING = {
+    "workspace", "synth", "ingest", "plan", "prototypes", "predict", "orchestration", "pacs",
+    "sweep",
+}  # fmt: skip
 
 
 def serial(jobs: list[FitJob]) -> list[dict[str, Any]]:
