@@ -7,6 +7,7 @@ an active run, and it carries what the median pruner needs to decide alone.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,8 +86,18 @@ class MedianPruning(Hook):
             trainer.should_stop = True
 
 
+# The sweep that made the job holds the workspace's writer lock for its whole run (in its own
+# process); a fit may run in a Dask worker process, where taking the lock again would find it
+# busy. So a job trains with train's undecorated body, as the lock's delegate, the way
+# torchrun's secondary ranks write under rank 0's lock.
+_train_under_sweep_lock = inspect.unwrap(train)
+
+
 def run_fit(job: FitJob | dict[str, Any]) -> dict[str, Any]:
-    """Train one fit (and evaluate it on test when asked); return a JSON-able record."""
+    """Train one fit (and evaluate it on test when asked); return a JSON-able record.
+
+    Only for jobs of :func:`medml.sweep.sweep`, which holds the workspace lock meanwhile.
+    """
     if isinstance(job, dict):
         job = FitJob(**{**job, "prune_reference": tuple(map(tuple, job["prune_reference"]))})
     settings = Settings.model_validate(job.settings)
@@ -109,7 +120,7 @@ def _fit(job: FitJob, settings: Settings, ws: Workspace) -> dict[str, Any]:
             job.prune_reference, sc.prune_startup_trials, sc.prune_warmup_epochs
         )
         hooks.append(pruning)
-    fitted = train(
+    fitted = _train_under_sweep_lock(
         settings,
         ws,
         progress=False,

@@ -36,6 +36,7 @@ from medml.catalog import Catalog
 from medml.config import Settings
 from medml.data.splits import ensure_splits
 from medml.io import atomic_path, atomic_write_text, jsonable
+from medml.lock import writes_workspace
 from medml.planning import resolve
 from medml.sweep import report, search
 from medml.sweep.folds import Fold, make_folds
@@ -84,13 +85,18 @@ class _Plan:
     loss_runs: dict[str, str] = field(default_factory=dict)
 
 
+@writes_workspace("sweep")
 def sweep(
     settings: Settings,
     ws: Workspace,
     losses: Sequence[str],
     mapper: Mapper = serial,
 ) -> SweepResult:
-    """Run (or resume) the protocol for ``losses`` with ``settings.sweep``'s budget."""
+    """Run (or resume) the protocol for ``losses`` with ``settings.sweep``'s budget.
+
+    Holds the workspace's writer lock for the whole sweep; its fits write under it, also from
+    Dask worker processes (``medml.sweep.jobs.run_fit``).
+    """
     plan = _plan(settings, ws, list(dict.fromkeys(losses)))
     _mlflow_runs(plan)
     studies = {
