@@ -80,15 +80,14 @@ def evaluation(train: dict[str, Any]) -> None:
 
 
 def sweep(result: dict[str, Any]) -> None:
-    """One row per loss (and seed) of a sweep, as the sweep's own table has them."""
-    create_table_artifact(
-        result["rows"],
-        key="sweep",
-        description=f"loss sweep under MLflow run {result['parent_run_id']}",
-    )
+    """The loss comparison's table and verdict, as the parent MLflow run's description has them."""
     table_md = Path(result["table_md"])
     if table_md.exists():
-        create_markdown_artifact(table_md.read_text(), key="sweep-table")
+        create_markdown_artifact(
+            table_md.read_text(),
+            key="sweep-table",
+            description=f"loss comparison under MLflow run {result['parent_run_id']}",
+        )
 
 
 def predictions(summary: dict[str, Any], model_uri: str) -> None:

@@ -156,7 +156,7 @@ def build_deployments(settings: Settings, ws: Workspace) -> list[RunnerDeploymen
         ),
         train_flow.to_deployment("manual", parameters=base, **common),
         sweep_flow.to_deployment(
-            "manual", parameters={**base, "losses": [settings.loss.name], "seeds": 1}, **common
+            "manual", parameters={**base, "losses": [settings.loss.name, "softmax"]}, **common
         ),
         prototypes_flow.to_deployment(
             "manual", parameters=base, description="Needs model_uri (runs:/ID/model).", **common

@@ -43,6 +43,7 @@ NOT_TRAINING = {
     "predict",
     "orchestration",
     "pacs",
+    "sweep",
 }
 
 
@@ -293,30 +294,68 @@ def package_model(run: dict[str, Any], settings: Settings, workspace: str) -> di
     return {"run_id": run["run_id"], "model_uri": uri}
 
 
-@task(
-    name="sweep",
-    cache_policy=step_cache(
-        lambda p: [_training_key(p), list(p["losses"]), p["seeds"]], "medml.sweep"
-    ),
-)
-def sweep_losses(
-    settings: Settings, workspace: str, losses: list[str], seeds: int
-) -> dict[str, Any]:
-    """Train each loss under one parent MLflow run (medml.sweep.sweep)."""
-    from medml.sweep import sweep  # written alongside; imported only when a sweep runs
+def _sweep_key(p: dict[str, Any]) -> list[Any]:
+    # The worker count changes how fast, never what: it stays out of the key.
+    budget = p["settings"].sweep.model_dump(exclude={"workers"})
+    return [_training_key(p), list(p["losses"]), budget]
 
-    result = sweep(settings, _ws(workspace), losses, seeds=seeds, progress=False)
+
+@task(name="sweep", cache_policy=step_cache(_sweep_key, "medml.sweep"))
+def sweep_losses(settings: Settings, workspace: str, losses: list[str]) -> dict[str, Any]:
+    """The loss comparison under one parent MLflow run (medml.sweep.sweep); its fits run as
+    ``sweep-fit`` tasks on the task runner that ``sweep.workers`` asks for."""
+    from medml.sweep import sweep
+
+    o = sweep_runner(settings)
+    with reachable_api(o), task_runner(o) as runner:
+        result = sweep(settings, _ws(workspace), losses, mapper=mapped_fits(runner))
     get_run_logger().info(
-        "sweep %s: %d runs, table %s", result.parent_run_id, len(result.rows), result.table_md
+        "sweep %s: %s (table %s)", result.parent_run_id, result.verdict.text, result.table_md
     )
     return jsonable(
         {
             "parent_run_id": result.parent_run_id,
+            "winner": result.verdict.winner,
+            "significant": result.verdict.significant,
+            "verdict": result.verdict.text,
+            "trials": result.trials,
             "table_csv": str(result.table_csv),
             "table_md": str(result.table_md),
-            "rows": result.rows,
+            "figure": str(result.figure),
         }
     )
+
+
+@task(name="sweep-fit", persist_result=False, cache_policy=NO_CACHE)
+def sweep_fit(job: dict[str, Any]) -> dict[str, Any]:
+    """One fit of the loss comparison: a trial's fold or a final seed (medml.sweep.run_fit).
+
+    Not cached by Prefect: the Optuna study is what lets a killed sweep resume.
+    """
+    from medml.sweep import run_fit
+
+    return jsonable(run_fit(job))
+
+
+def sweep_runner(settings: Settings) -> OrchestrationConfig:
+    """``sweep.workers`` > 1: a local Dask cluster of that many workers (or the configured
+    remote one); otherwise one fit at a time."""
+    o, workers = settings.orchestration, settings.sweep.workers
+    if o.task_runner == "dask" and o.dask_address:
+        return o
+    if workers > 1:
+        return o.model_copy(update={"task_runner": "dask", "dask_workers": workers})
+    return o.model_copy(update={"task_runner": "threads", "max_workers": 1})
+
+
+def mapped_fits(runner: Any) -> Any:
+    """A ``medml.sweep.Mapper``: each fit a ``sweep-fit`` task on ``runner``, results in order."""
+
+    def run(jobs: list[Any]) -> list[dict[str, Any]]:
+        futures = [runner.submit(sweep_fit, {"job": job.to_dict()}) for job in jobs]
+        return [future.result() for future in futures]
+
+    return run
 
 
 def run_stale(workspace: str, key: str = "run_id") -> Any:

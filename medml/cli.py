@@ -438,15 +438,32 @@ def sweep_cmd(
     ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(min=2, help="Cross-validation folds on train+val (default: sweep.folds)."),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Optuna trials per loss (default: sweep.trials).")
+    ] = None,
     seeds: Annotated[
-        int, typer.Option(min=1, help="Seeds per loss (mean ± 95 % CI when > 1).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1, help="Final fits per loss, each evaluated on test (default: sweep.seeds)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Fits at once; > 1: a local Dask cluster (default: sweep.workers)."
+        ),
+    ] = None,
     workspace: WorkspaceOpt = None,
     wait: WaitOpt = False,
 ) -> None:
-    """Train each loss on the same data, splits, seeds and budget under one MLflow parent run."""
+    """Compare losses by the Reality Check protocol: K-fold CV, the same Optuna budget per loss,
+    seeded refits evaluated once on test, a winner only beyond the noise. Re-running the same
+    command resumes a killed sweep."""
     from medml.losses.registry import LOSSES
-    from medml.sweep import sweep
 
     names = [n.strip() for n in losses.split(",") if n.strip()]
     unknown = sorted(set(names) - set(LOSSES.names()))
@@ -457,13 +474,19 @@ def sweep_cmd(
     settings = _settings(config, set_)
     ws = _workspace(workspace, settings)
     _require_catalog(ws)
+    from flows.sweep import sweep_flow
+
     try:
         with _writing(ws, "sweep", wait):
-            result = sweep(settings, ws, names, seeds, progress=True)
+            result = sweep_flow(
+                names, settings, str(ws.root), folds=folds, trials=trials, seeds=seeds,
+                workers=workers,
+            )  # fmt: skip
     except Exception as exc:
         _fail(exc)
-    typer.echo(result.table_md.read_text())
-    typer.echo(f"parent run {result.parent_run_id}; table: {result.table_csv}")
+    typer.echo(Path(result["table_md"]).read_text(), err=True)
+    typer.echo(f"parent run {result['parent_run_id']}; figure: {result['figure']}", err=True)
+    _json_line({k: result[k] for k in ("parent_run_id", "winner", "significant", "verdict")})
 
 
 @app.command("evaluate")

@@ -443,6 +443,34 @@ class PacsConfig(_Strict):
         return self.send_with or ("stow" if self.protocol == "dicomweb" else "c-store")
 
 
+class SweepConfig(_Strict):
+    """The loss comparison (``medml sweep``): the Reality Check protocol's budget and tests."""
+
+    folds: int = Field(4, ge=2, description="cross-validation folds over train+val")
+    trials: int = Field(8, ge=1, description="Optuna trials per loss (the same for every loss)")
+    seeds: int = Field(3, ge=1, description="final fits per loss (test evaluated once each)")
+    workers: int = Field(1, ge=1, description="fits at once (> 1: a local Dask cluster)")
+    epochs: int | None = Field(None, ge=1, description="epochs per trial [train.epochs]")
+    fold_seed: int = Field(0, description="seed of the patient-grouped stratified folds")
+    sampler_seed: int = Field(0, description="seed of Optuna's TPE sampler")
+    startup_trials: int = Field(3, ge=1, description="random trials before TPE models the space")
+    prune_startup_trials: int = Field(
+        2, ge=0, description="finished trials before the median pruner may stop a fold"
+    )
+    prune_warmup_epochs: int = Field(2, ge=0, description="epochs of a fold never pruned")
+    final: Literal["refit", "folds"] = Field(
+        "refit",
+        description="refit: seeds x one fit on all of train+val; folds: seeds x one fit per fold",
+    )
+    metric: str = Field("mean_average_precision_at_r", description="test metric compared")
+    baseline: str = Field("softmax", description="the loss every other one must beat")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the verdict")
+    bootstrap: int = Field(10000, ge=100, description="paired bootstrap resamples")
+    torch_threads: int = Field(
+        1, ge=1, description="torch threads per fit: results do not depend on the worker count"
+    )
+
+
 class Settings(_Strict):
     """The whole configuration of one project."""
 
@@ -462,6 +490,7 @@ class Settings(_Strict):
     predict: PredictConfig = PredictConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     pacs: PacsConfig = PacsConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _fold_ensemble(self) -> Settings:

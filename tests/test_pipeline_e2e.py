@@ -256,21 +256,23 @@ def test_dask_runner_ingests_the_same_catalog_as_the_default(
 
 
 def test_sweep_flow_tabulates_losses_and_is_cached_on_rerun(run):
-    """The sweep flow over medml.sweep: one row per loss, then skipped when unchanged."""
+    """The sweep flow over medml.sweep: its table as an artifact, then skipped when unchanged."""
     from flows.sweep import sweep_flow
 
     ws, _, _ = run
     settings = load_settings(TINY_CONFIG, ["train.epochs=1"])
-    first = sweep_flow(["triplet", "supcon"], 1, settings, str(ws.root), return_state=True)
+    budget = {"folds": 2, "trials": 1, "seeds": 1}
+    first = sweep_flow(["triplet", "supcon"], settings, str(ws.root), **budget, return_state=True)
     assert first.is_completed(), first.message
     result = first.result()
-    assert len(result["rows"]) == 2 and Path(result["table_md"]).exists()
+    assert result["trials"] == {"triplet": 1, "supcon": 1} and Path(result["table_md"]).exists()
     flow_run_id = first.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
-    assert "sweep" in {a.key for a in arts}
-    again = sweep_flow(["triplet", "supcon"], 1, settings, str(ws.root), return_state=True)
+    assert "sweep-table" in {a.key for a in arts}
+    assert _task_states(flow_run_id)["sweep-fit"] == {"Completed"}
+    again = sweep_flow(["triplet", "supcon"], settings, str(ws.root), **budget, return_state=True)
     assert _task_states(again.state_details.flow_run_id)["sweep"] == {"Cached"}
     assert again.result()["parent_run_id"] == result["parent_run_id"]

@@ -251,3 +251,13 @@ def test_evaluate_follows_the_models_split_unless_split_is_given(setup):
         res = runner.invoke(app, ["evaluate", "-m", uri, "--workspace", str(ws.root), *extra])
         assert res.exit_code == 0, res.output
         assert json.loads(res.output.strip().splitlines()[-1])["split"] == expected
+
+
+def test_model_version_description_names_classes_run_metrics_and_data(setup):
+    v1, trained = setup["v1"], setup["trained"]
+    desc = MlflowClient().get_model_version(NAME, v1.version).description
+    assert f"**Classes:** {', '.join(v1.classes)}" in desc
+    assert f"/runs/{trained.run_id})" in desc  # a link to the training run in the MLflow UI
+    assert "**test metrics:** accuracy " in desc
+    fingerprint = setup["settings"].preprocess.fingerprint()
+    assert f"preprocessing {fingerprint}" in desc and "train+val " in desc

@@ -59,66 +59,76 @@ _PML = "pytorch_metric_learning.losses."
 _MARGIN = {"margin": "margin"}
 _MARGIN_SCALE = {"margin": "margin", "scale": "scale"}
 
+# Shared parts of the search spaces: every loss tunes the encoder's learning rate; losses with
+# class weights or proxies also tune theirs (``train.loss_lr``), which sets how fast the
+# proxies move relative to the embedding (Musgrave et al. tune it per loss as well).
+_LR = {"train.lr": ("float", 2e-4, 3e-3, True)}
+_LOSS_LR = {"train.loss_lr": ("float", 1e-3, 1e-1, True)}
+_SCALE = {"scale": ("float", 4.0, 64.0, True)}
+_TRIPLET_MINERS = {"miner": ("categorical", ["semihard", "hard", "all", "batch-hard"])}
+
 LOSSES.register(
     "triplet",
     LossSpec(_PML + "TripletMarginLoss", "pair", _MARGIN, default_miner="semihard",
-             space={"margin": ("float", 0.05, 0.5, False),
-                    "miner": ("categorical", ["semihard", "hard", "all"])},
+             space={**_LR, "margin": ("float", 0.05, 0.5, False), **_TRIPLET_MINERS},
              doc="triplet margin loss (Schroff et al. 2015); mines semi-hard triplets by default"),
 )  # fmt: skip
 LOSSES.register(
     "contrastive",
     LossSpec(_PML + "ContrastiveLoss", "pair", {"margin": "neg_margin"},
-             space={"margin": ("float", 0.3, 1.0, False)},
+             space={**_LR, "margin": ("float", 0.3, 1.0, False),
+                    "miner": ("categorical", ["none", "pair-margin"])},
              doc="contrastive pairs (Hadsell et al. 2006); margin is the negative margin"),
 )  # fmt: skip
 LOSSES.register(
     "multi-similarity",
     LossSpec(_PML + "MultiSimilarityLoss", "pair", default_miner="multi-similarity",
-             space={"options.alpha": ("float", 0.5, 5.0, True),
-                    "options.beta": ("float", 10.0, 80.0, True)},
+             space={**_LR, "options.alpha": ("float", 0.5, 5.0, True),
+                    "options.beta": ("float", 10.0, 80.0, True),
+                    "miner_options.epsilon": ("float", 0.05, 0.3, False)},
              doc="multi-similarity loss + miner (Wang et al. 2019)"),
 )  # fmt: skip
 LOSSES.register(
     "supcon",
     LossSpec(_PML + "SupConLoss", "pair", {"temperature": "temperature"},
-             space={"temperature": ("float", 0.03, 0.5, True)},
+             space={**_LR, "temperature": ("float", 0.03, 0.5, True)},
              doc="supervised contrastive loss (Khosla et al. 2020)"),
 )  # fmt: skip
 LOSSES.register(
     "arcface",
     LossSpec(_PML + "ArcFaceLoss", "classifier", _MARGIN_SCALE,
-             space={"margin": ("float", 5.0, 40.0, False), "scale": ("float", 4.0, 64.0, True)},
+             space={**_LR, **_LOSS_LR, "margin": ("float", 5.0, 40.0, False), **_SCALE},
              doc="additive angular margin (Deng et al. 2019); PML's margin is in degrees"),
 )  # fmt: skip
 LOSSES.register(
     "subcenter-arcface",
     LossSpec(_PML + "SubCenterArcFaceLoss", "classifier", _MARGIN_SCALE,
-             space={"margin": ("float", 5.0, 40.0, False), "scale": ("float", 4.0, 64.0, True)},
+             space={**_LR, **_LOSS_LR, "margin": ("float", 5.0, 40.0, False), **_SCALE},
              doc="ArcFace with several centres per class (Deng et al. 2020)"),
 )  # fmt: skip
 LOSSES.register(
     "cosface",
     LossSpec(_PML + "CosFaceLoss", "classifier", _MARGIN_SCALE,
-             space={"margin": ("float", 0.05, 0.5, False), "scale": ("float", 4.0, 64.0, True)},
+             space={**_LR, **_LOSS_LR, "margin": ("float", 0.05, 0.5, False), **_SCALE},
              doc="additive cosine margin (Wang et al. 2018)"),
 )  # fmt: skip
 LOSSES.register(
     "proxy-anchor",
     LossSpec(_PML + "ProxyAnchorLoss", "classifier", _MARGIN,
-             space={"margin": ("float", 0.0, 0.5, False),
+             space={**_LR, **_LOSS_LR, "margin": ("float", 0.0, 0.5, False),
                     "options.alpha": ("float", 4.0, 64.0, True)},
              doc="proxy anchor loss (Kim et al. 2020)"),
 )  # fmt: skip
 LOSSES.register(
     "adacos",
     LossSpec("medml.losses.adacos.AdaCosLoss", "classifier", accepts_miner=False,
-             space={"options.dynamic": ("categorical", [True, False])},
+             space={**_LR, **_LOSS_LR, "options.dynamic": ("categorical", [True, False])},
              doc="AdaCos, an adaptive-scale cosine softmax (Zhang et al. 2019); written here"),
 )  # fmt: skip
 LOSSES.register(
     "softmax",
     LossSpec("medml.losses.softmax.SoftmaxLoss", "classifier", accepts_miner=False,
+             space={**_LR, **_LOSS_LR},
              doc="the baseline: a linear classifier and cross-entropy"),
 )  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from medml.catalog import Catalog
-from medml.config import PrototypeConfig
+from medml.config import PrototypeConfig, Settings
 from medml.fewshot.calibration import calibrate, save_curve_figure
 from medml.fewshot.prototypes import build_prototypes, select_support
 from medml.fewshot.rules import select_rule
@@ -148,11 +149,71 @@ def register_prototypes(
                 mlflow.log_artifacts(tmp, artifact_path="calibration")
         info = log_model(model.encoder, protos, model.settings, registered_name=name)
     version = str(info.registered_model_version)
+    MlflowClient().update_model_version(
+        name,
+        version,
+        version_description(model_uri, model.settings, protos.classes, ids, workspace),
+    )
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version)
     return Registered(
         name, version, alias or "", f"models:/{name}/{version}", run.info.run_id, protos.classes
     )
+
+
+HEADLINE = (
+    "accuracy", "balanced_accuracy", "auroc", "kappa_quadratic", "precision_at_1",
+    "mean_average_precision_at_r", "fewshot_base_accuracy", "fewshot_novel_accuracy",
+)  # fmt: skip
+
+
+def data_fingerprint(settings: Settings, support_ids: list[str], ws: Workspace | None) -> str:
+    """What data the version stands on: the preprocessing chain, the support scans and (with a
+    workspace) the catalog's train+val scans, each as a short content hash."""
+    parts = [f"preprocessing {settings.preprocess.fingerprint()}"]
+    parts.append(f"support {_digest(sorted(support_ids))}")
+    if ws is not None:
+        scans = Catalog(ws.catalog_url).list_scans(class_set="base")
+        seen = sorted(s["content_hash"] for s in scans if s["split"] in ("train", "val"))
+        parts.append(f"train+val {_digest(seen)} ({len(seen)} scans)")
+    return ", ".join(parts)
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:12]
+
+
+def version_description(
+    model_uri: str,
+    settings: Settings,
+    classes: list[str],
+    support_ids: list[str],
+    ws: Workspace | None = None,
+) -> str:
+    """The model version's description (markdown): classes, the training run with a link and
+    its test metrics, and the data fingerprint."""
+    client = MlflowClient()
+    run_id = mlflow.models.get_model_info(model_uri).run_id
+    lines = [f"**Classes:** {', '.join(classes)}", ""]
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        run = None
+    if run is not None:
+        link = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        lines.append(f"**Training run:** [{run.info.run_name or run_id}]({link}) (`{run_id}`)")
+        split = settings.evaluate.split
+        shown = [
+            f"{m} {run.data.metrics[f'{split}_{m}']:.3f}"
+            for m in HEADLINE
+            if f"{split}_{m}" in run.data.metrics
+        ]
+        if shown:
+            lines.append(f"**{split} metrics:** " + ", ".join(shown))
+    else:
+        lines.append(f"**Training run:** `{run_id}` (not in this tracking store)")
+    lines += ["", f"**Data:** {data_fingerprint(settings, support_ids, ws)}"]
+    return "\n".join(lines)
 
 
 def catalog_pairs(workspace: Workspace, split: str) -> list[tuple[str, str]]:
