@@ -107,6 +107,12 @@ class IngestConfig(_Strict):
         64.0, ge=0, description="below this much pixel data, convert in-process"
     )
     gzip_level: int = Field(1, ge=0, le=3, description="ISA-L gzip level of the volumes")
+    max_voxels: int = Field(
+        2**30,
+        ge=1,
+        description="ceiling on the voxels a file or series may claim (default 1024^3, beyond "
+        "the largest real CT/MR series): larger claims are quarantined before allocation",
+    )
     commit_every_s: float = Field(1.0, ge=0, description="catalog rows are committed in batches")
 
 

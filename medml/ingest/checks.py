@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medml.config import IngestConfig
-from medml.ingest import dicom, volumes
+from medml.ingest import budget, dicom, volumes
 
 Action = Literal["convert", "skip", "quarantine"]
 # cases no policy can convert: there is no volume to make of them
-ALWAYS_QUARANTINE = {"unreadable", "no_pixels", "unsupported", "unresolved_4d"}
+ALWAYS_QUARANTINE = {"unreadable", "no_pixels", "unsupported", "unresolved_4d", "too_large"}
 NEVER_CONVERT = {"duplicate_position", "single_slice"}
 
 
@@ -38,6 +38,7 @@ class SeriesChecks:
     max_tilt_deg: float = 0.05
     on_4d: Literal["split", "quarantine"] = "split"
     policies: dict[str, Action] = field(default_factory=dict)  # case -> action
+    max_voxels: int = budget.MAX_VOXELS  # what one file or series may claim
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> SeriesChecks:
@@ -49,7 +50,9 @@ class SeriesChecks:
         }
         if cfg.allow_burned_in:
             policies["burned_in"] = "convert"
-        return cls(cfg.min_slices, cfg.gap_factor, cfg.max_tilt_deg, cfg.on_4d, policies)
+        return cls(
+            cfg.min_slices, cfg.gap_factor, cfg.max_tilt_deg, cfg.on_4d, policies, cfg.max_voxels
+        )
 
     def action(self, case: str) -> Action:
         """The policy for one case (see IngestConfig); unknown cases are quarantined."""
@@ -62,6 +65,9 @@ class SeriesChecks:
         (:func:`medml.ingest.volumes.verify_stack`), so nothing unchecked is converted."""
         if series.problem:  # the planes did not resolve into volumes: never converted
             return Verdict("quarantine", series.problem.reason)
+        too_large = dicom.series_budget_problem(series, self.max_voxels)
+        if too_large:  # before sorting or decoding anything
+            return Verdict("quarantine", too_large.reason)
         warnings = []
         if series.split_by:
             if self.on_4d == "quarantine":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medml.config import IngestConfig
-from medml.ingest import dicom, nifti
+from medml.ingest import budget, dicom, nifti
 from medml.ingest.checks import SeriesChecks
 from medml.ingest.deid import KeyMaker, shift_date
 from medml.ingest.faults import raise_if_environment, scrub
@@ -199,7 +199,7 @@ def _convert_nifti(ctx: WorkerContext, task: Task) -> TaskResult:
     assert path is not None
     rel = _rel(ctx, path)
     try:
-        data, affine = nifti.load_nifti(path)
+        data, affine = nifti.load_nifti(path, ctx.cfg.max_voxels)
     except nifti.NiftiError as exc:
         return TaskResult([FileRecord(rel, "quarantined", reason=_clean(ctx, str(exc)))])
     blob = path.read_bytes()
@@ -276,7 +276,9 @@ def index_file(ctx: WorkerContext, path: Path) -> Indexed:
     if nifti.is_nifti_name(path):
         return IndexedNifti(path)
     try:
-        header = dicom.read_header(path)
+        header = dicom.read_header(path, ctx.cfg.max_voxels)
+    except budget.BudgetError as exc:  # a deflated file inflating past its budget
+        return IndexedRecord(FileRecord(rel, "quarantined", reason=_clean(ctx, str(exc))))
     except dicom.InvalidDicomError:
         if dicom.has_dicom_name(path):
             what = "empty file" if path.stat().st_size == 0 else "no DICOM preamble or tags"
@@ -286,7 +288,7 @@ def index_file(ctx: WorkerContext, path: Path) -> Indexed:
         reason = _clean(ctx, f"unreadable DICOM: {type(exc).__name__}: {exc}")
         return IndexedRecord(FileRecord(rel, "quarantined", reason=reason))
     try:
-        problem = dicom.classify(header)
+        problem = dicom.classify(header, ctx.cfg.max_voxels)
         note = None
         if problem:
             action = ctx.checks.action(problem.case)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,18 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
-from medml.ingest import mosaic, volumes
+from medml.ingest import budget, mosaic, volumes
 from medml.ingest.volumes import Unresolved
 
 __all__ = ["InvalidDicomError"]
@@ -177,6 +186,8 @@ def compact_header(ds: pydicom.Dataset) -> Header:
         h["_mosaic"] = mosaic.mosaic_info(ds)
     meta = getattr(ds, "file_meta", None)
     h["TransferSyntaxUID"] = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if INFLATED_SIZE in ds.__dict__:  # read from a deflated file: offsets are into the inflated
+        h["_inflated_size"] = ds.__dict__[INFLATED_SIZE]
     elem = _pixel_element(ds)
     h["_pixel_tell"] = getattr(elem, "value_tell", None)
     if is_multiframe(ds):
@@ -338,13 +349,21 @@ def _tags_read() -> list:
 TAGS_READ = _tags_read()
 
 
-def read_header(path: Path) -> pydicom.Dataset:
+def read_header(path: Path, max_voxels: int = budget.MAX_VOXELS) -> pydicom.Dataset:
     """Read the DICOM attributes ingestion uses (:data:`TAGS_READ`), pixel data deferred.
 
-    Raises InvalidDicomError for files that are not DICOM; other exceptions for broken ones.
+    A Deflated Explicit VR Little Endian file is inflated here with an output cap
+    (:func:`inflated_equivalent`; pydicom would inflate it whole, however large), and its
+    offsets then refer to the inflated bytes. Raises InvalidDicomError for files that are not
+    DICOM, :class:`budget.BudgetError` for claims over the budget, others for broken files.
     """
     try:
-        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, specific_tags=TAGS_READ)
+        with path.open("rb") as fh:
+            if _is_deflated(fh):
+                fh.seek(0)
+                return _read_deflated(fh.read(), max_voxels)
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, defer_size=DEFER_BYTES, specific_tags=TAGS_READ)
         if PIXEL_DATA not in ds:  # no image, or a file cut short: read all, to tell which
             ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         return ds
@@ -354,6 +373,118 @@ def read_header(path: Path) -> pydicom.Dataset:
             if "SOPClassUID" in ds:
                 return ds
         raise
+
+
+# ----------------------------------------------------------------------------- deflated files
+
+DEFLATE_PEEK = 4096  # the file meta (which names the transfer syntax) is in the first bytes
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
+HEADER_PREFIX = 1 << 20  # inflated bytes first searched for the image size
+HEADER_MAX = 64 << 20  # a header (before the image size) larger than this is refused
+TRAILING_BYTES = 8 << 20  # allowed after the pixel data (padding, signatures)
+INFLATED_SIZE = "_medml_inflated_size"  # Dataset attribute: size of the bytes parsed
+CLAIM_TAGS = ["NumberOfFrames", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated"]
+BITS_ALLOCATED = 0x00280100
+
+
+def _is_deflated(fh) -> bool:
+    """Whether the file meta names the deflated syntax: a byte search of the first 4 KB, or
+    where the meta group is longer than that, pydicom's reading of it."""
+    head = fh.read(DEFLATE_PEEK)
+    if DEFLATED_UID in head:
+        return True
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        return False
+    if 144 + int.from_bytes(head[140:144], "little") <= len(head):
+        return False
+    fh.seek(0)
+    read_preamble(fh, False)
+    return str(_read_file_meta_info(fh).get("TransferSyntaxUID", "")) == DEFLATED_UID.decode()
+
+
+def _prefix_claim(prefix: bytes) -> tuple[str, list[int], float] | None:
+    """The image size an inflated dataset prefix claims (names, dims, bytes per item), or None
+    where the prefix ends before BitsAllocated (or no Rows/Columns come before it)."""
+    passed = []
+
+    def stop(tag, vr, length) -> bool:
+        if tag > BITS_ALLOCATED:
+            passed.append(tag)
+            return True
+        return False
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(DicomBytesIO(prefix), False, True, stop_when=stop,
+                              specific_tags=CLAIM_TAGS)  # fmt: skip
+        if "BitsAllocated" not in ds and not passed:
+            return None
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except Exception:  # the prefix ends inside an element: inflate more
+        return None
+    what = f"{rows} x {cols} pixels x {frames} frames x {samples} samples of {bits} bits"
+    return what, [rows, cols, frames, samples], bits / 8
+
+
+def inflated_equivalent(raw: bytes, max_voxels: int, expected: int | None = None) -> bytes:
+    """A deflated DICOM file as the Explicit VR Little Endian file it encodes, inflated with a cap.
+
+    The dataset is inflated in steps: a prefix until the image size (Rows, Columns, frames,
+    bits) is known, that claim is checked against ``max_voxels``, then the rest up to the prefix
+    plus the pixel bytes claimed plus :data:`TRAILING_BYTES`; a stream inflating past that is
+    refused. ``expected``: the size a first read found (the pixels are read later): the file
+    must inflate to exactly that.
+    """
+    fh = io.BytesIO(raw)
+    read_preamble(fh, False)
+    meta = pydicom.dataset.FileMetaDataset(_read_file_meta_info(fh))
+    inflater = budget.Inflater(memoryview(raw)[fh.tell() :], budget.DEFLATE_WBITS)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if "FileMetaInformationGroupLength" in meta:
+        del meta.FileMetaInformationGroupLength  # read without: group 2 ends where it ends
+    out = DicomBytesIO()
+    out.write(raw[:128] + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=False)
+    head = out.getvalue()
+    if expected is not None:
+        data = inflater.read_exactly("the size first read", expected - len(head))
+    else:
+        data = _inflate_dataset(inflater, max_voxels)
+    return head + data
+
+
+def _inflate_dataset(inflater: budget.Inflater, max_voxels: int) -> bytes:
+    limit, claim = HEADER_PREFIX, None
+    while claim is None:
+        inflater.fill(limit)
+        claim = _prefix_claim(inflater.data())
+        if claim is None and inflater.eof:
+            return inflater.data()
+        if claim is None and limit >= HEADER_MAX:
+            raise budget.BudgetError(
+                f"too large: deflated DICOM without an image size in its first "
+                f"{budget.size_text(HEADER_MAX)}"
+            )
+        limit *= 4
+    what, dims, item = claim
+    cap = inflater.size + budget.check_claim(what, dims, item, max_voxels) + TRAILING_BYTES
+    if inflater.fill(cap + 1) > cap:
+        raise budget.BudgetError(
+            f"too large: deflated DICOM inflates past {budget.size_text(cap)}, more than its "
+            f"header claims ({what})"
+        )
+    return inflater.data()
+
+
+def _read_deflated(raw: bytes, max_voxels: int) -> pydicom.Dataset:
+    blob = inflated_equivalent(raw, max_voxels)
+    ds = pydicom.dcmread(io.BytesIO(blob), defer_size=DEFER_BYTES)
+    ds.__dict__[INFLATED_SIZE] = len(blob)
+    return ds
 
 
 def has_dicom_name(path: Path) -> bool:
@@ -384,9 +515,11 @@ def _truncation(ds: pydicom.Dataset) -> str | None:
     length = getattr(elem, "length", None)
     tell = getattr(elem, "value_tell", None)
     name = getattr(ds, "filename", None)
-    if elem is None or length in (None, 0xFFFFFFFF) or tell is None or not isinstance(name, str):
+    size = ds.__dict__.get(INFLATED_SIZE)  # deflated: offsets are into the inflated bytes
+    if size is None and isinstance(name, str):
+        size = os.path.getsize(name)
+    if elem is None or length in (None, 0xFFFFFFFF) or tell is None or size is None:
         return None
-    size = os.path.getsize(name)
     if tell + length > size:
         return f"truncated: data needs {tell + length} bytes, file has {size}"
     return None
@@ -421,11 +554,51 @@ def image_problem(ds: pydicom.Dataset) -> str | None:
     return None
 
 
-def classify(ds: pydicom.Dataset) -> Problem | None:
-    """The policy case of one DICOM object (None: an ordinary original image slice)."""
+def _claim_problem(ds: pydicom.Dataset, max_voxels: int) -> Problem | None:
+    """The pixels the header claims, against the ceiling, and (uncompressed) the bytes held."""
+    if PIXEL_DATA not in ds:
+        return None
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    what = f"{rows} x {cols} pixels x {frames} frames x {samples} samples of {bits} bits"
+    try:
+        needed = budget.check_claim(what, [rows, cols, frames, samples], bits / 8, max_voxels)
+        meta = getattr(ds, "file_meta", None)
+        syntax = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+        length = getattr(_pixel_element(ds), "length", None)
+        if not (syntax and syntax.is_encapsulated) and length not in (None, 0xFFFFFFFF):
+            budget.check_held(what, needed, length)  # native pixel data
+    except budget.BudgetError as exc:
+        case = "too_large" if str(exc).startswith("too large") else "unreadable"
+        return Problem(case, f"{'' if case == 'too_large' else 'unreadable DICOM: '}{exc}")
+    return None
+
+
+def series_budget_problem(series: Series, max_voxels: int) -> Problem | None:
+    """A series whose planes together claim more than ``max_voxels``: refused before decoding."""
+    rows, cols = series.slices[0].matrix
+    what = f"{len(series.slices)} planes of {rows} x {cols} pixels"
+    try:
+        budget.check_claim(what, [len(series.slices), rows, cols], 1, max_voxels)
+    except budget.BudgetError as exc:
+        return Problem("too_large", str(exc))
+    return None
+
+
+def classify(ds: pydicom.Dataset, max_voxels: int = budget.MAX_VOXELS) -> Problem | None:
+    """The policy case of one DICOM object (None: an ordinary original image slice).
+
+    The pixels the header claims are checked first (:mod:`medml.ingest.budget`), so nothing
+    later decodes a claim over ``max_voxels`` or more than an uncompressed file holds.
+    """
     truncated = _truncation(ds)
     if truncated:
         return Problem("unreadable", f"unreadable DICOM: {truncated}")
+    claimed = _claim_problem(ds, max_voxels)
+    if claimed:
+        return claimed
     sop = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
     modality = str(ds.get("Modality", ""))
     for prefix, what in NON_IMAGE_SOP_PREFIXES.items():
@@ -715,6 +888,9 @@ def _value_range(s: Slice, slope: float, intercept: float) -> tuple[float, float
 def _file_planes(s: Slice, blob: bytes) -> np.ndarray:
     """Stored values of every frame of ``s``'s file, ``(frames, rows, cols)``: a view into the
     file bytes where the layout allows, pydicom's decoder otherwise."""
+    inflated = s.header.get("_inflated_size")
+    if inflated is not None:  # a deflated file: the bytes its header was read from
+        blob = inflated_equivalent(blob, budget.MAX_VOXELS, expected=inflated)
     plane = None if s.frame is not None else _native_plane(s.header, blob)
     return plane[None] if plane is not None else _decoded_frames(blob)
 

@@ -15,7 +15,7 @@ import torch
 from monai.data import MetaTensor
 
 from medml.config import IngestConfig
-from medml.ingest import dicom, nifti
+from medml.ingest import budget, dicom, nifti
 from medml.ingest.checks import SeriesChecks
 
 
@@ -31,10 +31,13 @@ def load_dicom_folder(path: Path, checks: SeriesChecks) -> tuple[np.ndarray, np.
     slices, refused = [], []
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         try:
-            header = dicom.read_header(f)
+            header = dicom.read_header(f, checks.max_voxels)
+        except budget.BudgetError as exc:  # a deflated file inflating past its budget
+            refused.append(f"{f.name}: {exc}")
+            continue
         except Exception:
             continue
-        problem = dicom.classify(header)
+        problem = dicom.classify(header, checks.max_voxels)
         if problem is not None and checks.action(problem.case) != "convert":
             refused.append(f"{f.name}: {problem.reason}")
             continue
@@ -58,11 +61,11 @@ def load_input(
     pass ``settings.ingest`` so prediction refuses exactly what ingestion refuses. The default
     is IngestConfig's defaults.
     """
-    path = Path(path)
+    path, checks = Path(path), _checks(checks)
     if path.is_dir():
-        data, affine = load_dicom_folder(path, _checks(checks))
+        data, affine = load_dicom_folder(path, checks)
     elif path.is_file() and nifti.is_nifti_name(path):
-        data, affine = nifti.load_nifti(path)
+        data, affine = nifti.load_nifti(path, checks.max_voxels)
     else:
         raise ValueError(f"{path}: not a NIfTI file or a DICOM series folder")
     img = nifti.to_canonical(data, affine)
