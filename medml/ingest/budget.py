@@ -34,7 +34,9 @@ class BudgetError(ValueError):
 
 def size_text(n: int) -> str:
     """Bytes in a short human form (``2.0 GiB``)."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    units = (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20),
+             ("KiB", 2**10))  # fmt: skip
+    for unit, scale in units:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
@@ -134,8 +136,8 @@ class Inflater:
         self.fill(needed + 1)
         if self.size > needed:
             raise BudgetError(
-                f"compressed stream inflates past the {size_text(needed)} its header claims "
-                f"({what}); stopped at {size_text(self.size)}"
+                f"compressed stream inflates past the {needed} bytes its header claims "
+                f"({what}, {size_text(needed)}); inflation stopped there"
             )
         if self.size < needed:
             raise BudgetError(

@@ -383,7 +383,8 @@ HEADER_PREFIX = 1 << 20  # inflated bytes first searched for the image size
 HEADER_MAX = 64 << 20  # a header (before the image size) larger than this is refused
 TRAILING_BYTES = 8 << 20  # allowed after the pixel data (padding, signatures)
 INFLATED_SIZE = "_medml_inflated_size"  # Dataset attribute: size of the bytes parsed
-CLAIM_TAGS = ["NumberOfFrames", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated"]
+CLAIM_FIELDS = ("NumberOfFrames", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated")
+CLAIM_TAGS = [int(tag_for_keyword(name)) for name in CLAIM_FIELDS]
 BITS_ALLOCATED = 0x00280100
 
 
@@ -403,8 +404,9 @@ def _is_deflated(fh) -> bool:
 
 
 def _prefix_claim(prefix: bytes) -> tuple[str, list[int], float] | None:
-    """The image size an inflated dataset prefix claims (names, dims, bytes per item), or None
-    where the prefix ends before BitsAllocated (or no Rows/Columns come before it)."""
+    """The image size an inflated dataset prefix claims (text, dims, bytes per item; dims of 0
+    where the dataset has no Rows/Columns), or None where the prefix ends before BitsAllocated
+    (or inside an element)."""
     passed = []
 
     def stop(tag, vr, length) -> bool:
@@ -471,7 +473,9 @@ def _inflate_dataset(inflater: budget.Inflater, max_voxels: int) -> bytes:
             )
         limit *= 4
     what, dims, item = claim
-    cap = inflater.size + budget.check_claim(what, dims, item, max_voxels) + TRAILING_BYTES
+    pixels = budget.check_claim(what, dims, item, max_voxels)
+    # no image size (not an image, or broken): as much as a header may hold
+    cap = inflater.size + pixels + TRAILING_BYTES if pixels else max(HEADER_MAX, inflater.size)
     if inflater.fill(cap + 1) > cap:
         raise budget.BudgetError(
             f"too large: deflated DICOM inflates past {budget.size_text(cap)}, more than its "
