@@ -6,11 +6,14 @@ InstanceNumber; RescaleSlope/Intercept are applied per slice; the affine maps vo
 one :class:`Slice` per frame with the frame's own geometry and rescale, so they go through the
 same grouping and checks as classic one-file-per-slice series.
 
-pydicom indexes and decodes: native and deflated syntaxes itself, RLE itself, JPEG (baseline,
-lossless), JPEG-LS and JPEG 2000 through the pylibjpeg plugins (pylibjpeg-libjpeg,
-pylibjpeg-openjpeg, pylibjpeg-rle). Native little-endian pixel data is read straight from the
-file bytes at the offset the header read recorded (a hand-written fast path: pydicom's own
-decoder re-parses the whole file per slice and is several times slower).
+pydicom indexes and decodes: native syntaxes itself, RLE itself, JPEG (baseline, lossless),
+JPEG-LS and JPEG 2000 through the pylibjpeg plugins (pylibjpeg-libjpeg, pylibjpeg-openjpeg,
+pylibjpeg-rle). Native little-endian pixel data is read straight from the file bytes at the
+offset the header read recorded (a hand-written fast path: pydicom's own decoder re-parses the
+whole file per slice and is several times slower). Deflated files are inflated here, with an
+output cap, into the Explicit VR Little Endian file they encode (pydicom would inflate them
+whole). What a header claims is checked against the budget (:mod:`medml.ingest.budget`) before
+any pixel is decoded.
 """
 
 from __future__ import annotations
