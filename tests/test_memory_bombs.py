@@ -300,7 +300,7 @@ def test_predict_gives_a_bomb_an_error_row_and_goes_on(tmp_path):
              str(healthy)]  # fmt: skip
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     # torch reserves more address space than ingest: a larger limit, still far below the bombs
-    limit = 6 * 2**30
+    limit = 3 * 2**30
     proc = subprocess.run(
         [sys.executable, "-c", PREDICT_CHILD, json.dumps(paths), str(limit)],
         capture_output=True, text=True, timeout=180, env=env,
@@ -327,3 +327,30 @@ def test_max_voxels_is_a_setting(tmp_path):
     (record,) = json.loads(result.report_path.read_text())["files"]
     assert record["path"] == name and record["status"] == "quarantined"
     assert "over ingest.max_voxels=1000" in record["reason"]
+
+
+def test_a_series_is_budgeted_as_a_whole(tmp_path):
+    """Planes that each fit the ceiling but together do not are refused before decoding."""
+    src = tmp_path / "src"
+    write_series(SeriesSpec(phantom(4, 16, 16)), src / "ct")  # 4 x 256 voxels
+    ws = Workspace(tmp_path / "ws")
+    result = ingest(src, ws, None, IngestConfig(workers=1, max_voxels=600), progress=False)
+    records = json.loads(result.report_path.read_text())["files"]
+    assert len(records) == 4
+    for record in records:
+        assert record["status"] == "quarantined"
+        assert record["reason"].startswith("too large: header claims 4 planes of 16 x 16 pixels")
+
+
+def test_native_pixel_data_shorter_than_claimed_is_refused(tmp_path):
+    """Uncompressed multi-frame data claiming more bytes than its element holds (within the
+    ceiling, so only the file can tell) is refused as truncated, not decoded."""
+    path = write_enhanced(SeriesSpec(phantom(3, 16, 16)), tmp_path / "src" / "mf.dcm")
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 4096
+    ds.save_as(path, enforce_file_format=True)
+    result = ingest(tmp_path / "src", Workspace(tmp_path / "ws"), None, IngestConfig(workers=1),
+                    progress=False)  # fmt: skip
+    (record,) = json.loads(result.report_path.read_text())["files"]
+    assert record["status"] == "quarantined"
+    assert "truncated: header claims 4096 x 4096 pixels x 3 frames" in record["reason"]
