@@ -24,7 +24,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -391,7 +391,7 @@ CLAIM_TAGS = [int(tag_for_keyword(name)) for name in CLAIM_FIELDS]
 BITS_ALLOCATED = 0x00280100
 
 
-def _is_deflated(fh) -> bool:
+def _is_deflated(fh: BinaryIO) -> bool:
     """Whether the file meta names the deflated syntax: a byte search of the first 4 KB, or
     where the meta group is longer than that, pydicom's reading of it."""
     head = fh.read(DEFLATE_PEEK)
