@@ -20,6 +20,7 @@ from flows import artifacts
 from flows.runtime import configured, reachable_api, run_step, start, task_runner
 from flows.tasks import discover, predict_batch, resolve_model, write_predictions
 from medml.config import Settings
+from medml.predict.inputs import DOES_NOT_EXIST, NO_SCANS
 from medml.workspace import Workspace
 
 
@@ -84,9 +85,13 @@ def batch_inference_flow(
     settings, ws = start(settings, workspace)
     log = get_run_logger()
     o, pc = settings.orchestration, settings.prototypes
-    inputs = inputs or [str(o.watch_dir or ws.root / "inbox")]
+    watch = str(o.watch_dir or ws.root / "inbox")
+    watching = not inputs or list(inputs) == [watch]  # the nightly run over the watch folder
+    inputs = inputs or [watch]
     model_uri = model_uri or f"models:/{pc.model_name}@{pc.alias}"
     rows = run_step(discover, settings, ws, "io", inputs=inputs)
+    if watching:  # an empty (or not yet created) watch folder is a quiet night, not an error
+        rows = [r for r in rows if r.get("error") not in (NO_SCANS, DOES_NOT_EXIST)]
     if not rows:
         log.info("nothing to predict under %d given paths", len(inputs))
         return {"predictions": None, "n": 0, "errors": 0, "counts": {}, "model_uri": model_uri}
