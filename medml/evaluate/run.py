@@ -38,8 +38,10 @@ def evaluate_encoder(
     rule: str = "centroid",
     rule_options: dict[str, float] | None = None,
     temperature: float = 0.1,
+    train: Embedded | None = None,
 ) -> dict[str, Any]:
-    """The contract's metrics for ``split``; pass ``keep={}`` to receive the embeddings too.
+    """The contract's metrics for ``split``; pass ``keep={}`` to receive the embeddings too,
+    ``train`` to reuse the training split's embeddings already computed.
 
     ``accuracy``, ``balanced_accuracy`` and ``auroc`` are those of the decision ``rule``
     (nearest centroid by default) with prototypes from the training split; ``decision_rule``
@@ -47,9 +49,8 @@ def evaluate_encoder(
     """
     split = split or cfg.split
     catalog = Catalog(ws.catalog_url)
-    train = embed_scans(
-        encoder, ws, pp, catalog.list_scans("train", class_set="base"), cfg.batch_size
-    )
+    if train is None:
+        train = embed_training_split(encoder, ws, pp, cfg.batch_size)
     held = embed_scans(encoder, ws, pp, catalog.list_scans(split, class_set="base"), cfg.batch_size)
     if len(held) == 0:
         raise ValueError(f"split '{split}' has no labelled scans in the catalog")
@@ -111,10 +112,12 @@ def evaluate_run(
     settings = resolve(settings, ws)  # as training saw them
     encoder = load_encoder(settings.model, checkpoint)
     embedded: dict[str, Embedded] = {}
-    setup = decision_setup(encoder, settings, ws)
+    train = embed_training_split(encoder, ws, settings.preprocess, settings.evaluate.batch_size)
+    setup = decision_setup(encoder, settings, ws, train)
     metrics = evaluate_encoder(
         encoder, ws, settings.preprocess, settings.evaluate, keep=embedded, rule=setup.rule,
         rule_options=settings.prototypes.rule_options, temperature=setup.temperature,
+        train=train,
     )  # fmt: skip
     metrics["decision_temperature"] = setup.temperature
     split = metrics["split"]
@@ -153,15 +156,24 @@ class DecisionSetup:
     scores: dict[str, dict[str, float]]  # validation scores of each candidate (rule: auto)
 
 
-def decision_setup(encoder: Encoder, settings: Settings, ws: Workspace) -> DecisionSetup:
+def embed_training_split(
+    encoder: Encoder, ws: Workspace, pp: PreprocessConfig, batch_size: int
+) -> Embedded:
+    """The training split's base-class embeddings: the prototypes' support."""
+    scans = Catalog(ws.catalog_url).list_scans("train", class_set="base")
+    return embed_scans(encoder, ws, pp, scans, batch_size)
+
+
+def decision_setup(
+    encoder: Encoder, settings: Settings, ws: Workspace, train: Embedded
+) -> DecisionSetup:
     """``prototypes.rule`` (with ``auto``: the candidate with the best validation accuracy)
     and its temperature (with ``prototypes.fit_temperature``: maximum likelihood on the
-    validation split). Train-split prototypes, never the evaluated split."""
+    validation split), for prototypes of the ``train`` embeddings; never the evaluated split."""
     pc = settings.prototypes
     if pc.rule != "auto" and not pc.fit_temperature:
         return DecisionSetup(pc.rule, pc.temperature, {})
     catalog, size, pp = Catalog(ws.catalog_url), settings.evaluate.batch_size, settings.preprocess
-    train = embed_scans(encoder, ws, pp, catalog.list_scans("train", class_set="base"), size)
     val = embed_scans(encoder, ws, pp, catalog.list_scans("val", class_set="base"), size)
     if len(val) == 0 or len(set(train.labels.tolist())) < 2:
         return DecisionSetup("centroid" if pc.rule == "auto" else pc.rule, pc.temperature, {})

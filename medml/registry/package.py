@@ -18,12 +18,10 @@ import torch
 import yaml
 
 import medml
-from medml.catalog import Catalog
 from medml.config import Settings
-from medml.evaluate.run import decision_setup
+from medml.evaluate.run import decision_setup, embed_training_split
 from medml.fewshot.prototypes import Prototypes, build_prototypes
 from medml.models.encoder import Encoder, load_encoder
-from medml.models.inference import embed_scans
 from medml.planning import resolve
 from medml.predict.loader import ARTIFACTS, LOADER_MODULE, run_tag, write_manifest
 from medml.predict.pyfunc import signature
@@ -72,10 +70,9 @@ def package_run(run_id: str, settings: Settings, ws: Workspace, checkpoint: Path
     """
     settings = resolve(settings, ws)  # as training saw them, and saved with the model
     encoder = load_encoder(settings.model, checkpoint)
-    scans = Catalog(ws.catalog_url).list_scans("train", class_set="base")
-    train = embed_scans(encoder, ws, settings.preprocess, scans, settings.evaluate.batch_size)
+    train = embed_training_split(encoder, ws, settings.preprocess, settings.evaluate.batch_size)
     pc = settings.prototypes
-    setup = decision_setup(encoder, settings, ws)
+    setup = decision_setup(encoder, settings, ws, train)
     protos = build_prototypes(
         train.emb, train.labels, setup.temperature, pc.unknown_threshold, rule=setup.rule,
         rule_options=pc.rule_options,
