@@ -521,7 +521,12 @@ def evaluate_cmd(
         use_experiment(ws, m.settings.train.experiment)
         with mlflow.start_run(run_name="evaluate") as run:
             mlflow.log_params({"model_uri": model, "split": split, **updates})
-            result = evaluate_encoder(m.encoder, ws, m.settings.preprocess, cfg, split)
+            protos = m.prototypes  # the model decides by its own rule and temperature
+            result = evaluate_encoder(
+                m.encoder, ws, m.settings.preprocess, cfg, split,
+                rule=protos.rule.name if protos.rule else "centroid",
+                rule_options=m.settings.prototypes.rule_options, temperature=protos.temperature,
+            )  # fmt: skip
             mlflow.log_metrics(flat_metrics(result, f"{split}_"))
     except Exception as exc:
         _fail(exc)
