@@ -39,6 +39,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medml.config import LossConfig, ModelConfig
+from medml.data.augment import rotation
 from medml.losses import build_loss
 from medml.metrics import retrieval_metrics
 from medml.models.encoder import build_encoder
@@ -58,16 +59,6 @@ def load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------- augmentation
-def _rotation(angles: torch.Tensor) -> torch.Tensor:
-    cx, cy, cz = torch.cos(angles).unbind(1)
-    sx, sy, sz = torch.sin(angles).unbind(1)
-    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
-    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
-    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
-    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
-    return rz @ ry @ rx
-
-
 def augment(x: torch.Tensor, spec: dict, g: torch.Generator) -> torch.Tensor:
     """Batched shape-mask augmentation: per-axis flips, 90-degree turns, small affine.
 
@@ -96,7 +87,7 @@ def augment(x: torch.Tensor, spec: dict, g: torch.Generator) -> torch.Tensor:
         angles = (2 * torch.rand(b, 3, generator=g) - 1) * math.radians(spec["rot_deg"]) * on
         zoom = 1.0 + (2 * torch.rand(b, 3, generator=g) - 1) * spec["scale"] * on
         theta = torch.zeros(b, 3, 4)
-        theta[:, :, :3] = _rotation(angles) / zoom[:, None, :]
+        theta[:, :, :3] = rotation(angles) / zoom[:, None, :]
         shift_vox = spec.get("shift", 0.0)
         theta[:, :, 3] = (2 * torch.rand(b, 3, generator=g) - 1) * on * 2 * shift_vox / 28.0
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)

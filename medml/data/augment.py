@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from medml.config import AugmentConfig
 
 
-def _rotation(angles: torch.Tensor) -> torch.Tensor:
+def rotation(angles: torch.Tensor) -> torch.Tensor:
     """Rotation matrices ``(B, 3, 3)`` from per-axis angles ``(B, 3)`` in radians."""
     cx, cy, cz = torch.cos(angles).unbind(1)
     sx, sy, sz = torch.sin(angles).unbind(1)
@@ -55,7 +55,7 @@ class BatchAugment:
         angles = self._draw((b, 3), g) * math.radians(cfg.rotate_deg) * on
         zoom = 1.0 + self._draw((b, 3), g) * cfg.scale * on
         theta = torch.zeros(b, 3, 4)
-        theta[:, :, :3] = _rotation(angles) / zoom[:, None, :]
+        theta[:, :, :3] = rotation(angles) / zoom[:, None, :]
         grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         # Flips: the first spatial axis is R-L after Orientationd("RAS"), then A-P, S-I.
