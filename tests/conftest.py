@@ -58,6 +58,18 @@ def _restore_mlflow_environment():
     os.environ.update(saved)
 
 
+def untrained_copy(ingested: Workspace, dest: Path) -> Workspace:
+    """A copy of the ingested tiny workspace without its runs, checkpoints or MLflow store:
+    where a test module trains a model of its own."""
+    import shutil
+
+    shutil.copytree(ingested.root, dest)
+    for sub in ("checkpoints", "mlartifacts"):
+        shutil.rmtree(dest / sub, ignore_errors=True)
+    (dest / "mlflow.db").unlink(missing_ok=True)
+    return Workspace(dest).ensure()
+
+
 def fit_and_package(settings: Settings, ws: Workspace, **kwargs):
     """What ``medml train`` does: fit, evaluate the best epoch, package it as an MLflow model.
 
@@ -95,7 +107,6 @@ def predict_model(tmp_path_factory, ingested, tiny_settings):
 
     Shared by the prediction tests; tests that change the registry add versions and aliases
     of their own (``models:/medml-tiny/1`` stays the base model)."""
-    import shutil
 
     import numpy as np
 
@@ -104,11 +115,7 @@ def predict_model(tmp_path_factory, ingested, tiny_settings):
     from medml.tracking import configure
 
     root = tmp_path_factory.mktemp("predict")
-    shutil.copytree(ingested.root, root / "ws")
-    for sub in ("checkpoints", "mlartifacts"):
-        shutil.rmtree(root / "ws" / sub, ignore_errors=True)
-    (root / "ws" / "mlflow.db").unlink(missing_ok=True)
-    ws = Workspace(root / "ws").ensure()
+    ws = untrained_copy(ingested, root / "ws")
     settings = tiny_settings.model_copy(
         update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
     )

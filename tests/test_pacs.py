@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import untrained_copy
 from dicomweb_client.api import DICOMwebClient
 
 from medml.ingest.deid import KeyMaker
@@ -239,7 +240,6 @@ NAME = "medml-pacs"
 @pytest.fixture(scope="module")
 def model_ws(tmp_path_factory, ingested, tiny_settings):
     """A workspace with a 1-epoch model registered as NAME@champion (prototypes from train)."""
-    import shutil
 
     import numpy as np
 
@@ -248,14 +248,8 @@ def model_ws(tmp_path_factory, ingested, tiny_settings):
     from medml.registry.register import catalog_pairs, register_prototypes
     from medml.tracking import configure
     from medml.train import train
-    from medml.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("pacs-model")
-    shutil.copytree(ingested.root, root / "ws")
-    for sub in ("checkpoints", "mlartifacts"):
-        shutil.rmtree(root / "ws" / sub, ignore_errors=True)
-    (root / "ws" / "mlflow.db").unlink(missing_ok=True)
-    ws = Workspace(root / "ws").ensure()
+    ws = untrained_copy(ingested, tmp_path_factory.mktemp("pacs-model") / "ws")
     settings = tiny_settings.model_copy(
         update={"train": tiny_settings.train.model_copy(update={"epochs": 1})}
     )
