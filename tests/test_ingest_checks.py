@@ -51,8 +51,11 @@ def test_prediction_accepts_and_refuses_what_ingestion_does(tmp_path):
     assert len(rows) == 1
     tensor, _ = load_input(folder, cfg)
     ingested = nib.load(tmp_path / "ws" / rows[0]["volume"])
-    np.testing.assert_array_equal(tensor[0].numpy(), np.asarray(ingested.dataobj, np.float32))
-    np.testing.assert_allclose(tensor.affine.numpy(), ingested.affine, atol=1e-4)
+    # prediction keeps the stored axes (the chain reads them as RAS): the same voxels at the
+    # same places once reoriented as ingestion stores them
+    read = nib.as_closest_canonical(nib.Nifti1Image(tensor[0].numpy(), tensor.affine.numpy()))
+    np.testing.assert_array_equal(np.asarray(read.dataobj), np.asarray(ingested.dataobj))
+    np.testing.assert_allclose(read.affine, ingested.affine, atol=1e-4)
     # with the defaults both refuse, for the same reason
     _, report = _ingest(tmp_path / "src", tmp_path / "strict", IngestConfig(workers=1))
     assert report["files"][0]["reason"].startswith("gantry tilt")

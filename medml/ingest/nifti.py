@@ -124,6 +124,18 @@ def content_hash(img: nib.Nifti1Image) -> str:
     return h.hexdigest()
 
 
+def voxel_hash(data: np.ndarray, affine: np.ndarray) -> str:
+    """Hash of the voxels as :func:`to_canonical` would store them (closest RAS orientation,
+    compact type, Fortran order), geometry left out: a DICOM series and the NIfTI written for
+    it hash alike. Slice by slice, so the volume is never reoriented as a whole."""
+    data = _compact(np.asarray(data))
+    view = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
+    h = hashlib.sha256(str((data.dtype.str, view.shape)).encode())
+    for k in range(view.shape[2]):
+        h.update(np.ascontiguousarray(view[:, :, k].T))  # one plane in Fortran order
+    return h.hexdigest()
+
+
 def nifti_header_bytes(img: nib.Nifti1Image) -> bytes:
     """The 352 bytes before the voxels of a single-file NIfTI-1 (no extensions)."""
     data = np.asarray(img.dataobj)

@@ -7,7 +7,6 @@ training and in production; nothing identifying is kept (only voxels and geometr
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,9 @@ def load_dicom_folder(path: Path, checks: SeriesChecks) -> tuple[np.ndarray, np.
 def load_input(
     path: str | Path, checks: SeriesChecks | IngestConfig | None = None
 ) -> tuple[MetaTensor, str]:
-    """Channel-first MetaTensor (with its RAS affine) and a content-derived scan id.
+    """Channel-first MetaTensor of the stored values with their affine, and a scan id derived
+    from the voxels (:func:`medml.ingest.nifti.voxel_hash`: a DICOM series and the NIfTI
+    ingestion wrote for it share it).
 
     ``checks`` (or the IngestConfig to build them from) decide which DICOM series are accepted;
     pass ``settings.ingest`` so prediction refuses exactly what ingestion refuses. The default
@@ -68,8 +69,13 @@ def load_input(
         data, affine = nifti.load_nifti(path, checks.max_voxels)
     else:
         raise ValueError(f"{path}: not a NIfTI file or a DICOM series folder")
-    img = nifti.to_canonical(data, affine)
-    arr = np.asarray(img.dataobj, dtype=np.float32)
-    scan_id = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
-    tensor = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(img.affine))
+    # The stored array and its affine, not a reoriented float32 copy: the chain reads the RAS
+    # grid from the stored axes and gathers the voxels it needs before converting them
+    # (medml.data.transforms.Preprocessd).
+    if data.dtype.kind == "u" and data.dtype.itemsize > 1:  # torch's uint16/32 support is thin
+        data = data.astype(np.int64 if data.dtype.itemsize > 2 else np.int32, order="F")
+    elif data.dtype.kind not in "iuf" or data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("=") if data.dtype.kind in "iuf" else np.float32)
+    scan_id = nifti.voxel_hash(data, affine)[:16]
+    tensor = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(affine))
     return tensor, scan_id
