@@ -41,7 +41,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from medml.ingest import budget, mosaic, volumes
+from medml.ingest import budget, mosaic, scan, volumes
 from medml.ingest.volumes import Unresolved
 
 __all__ = ["InvalidDicomError"]
@@ -376,6 +376,16 @@ def read_header(path: Path, max_voxels: int = budget.MAX_VOXELS) -> pydicom.Data
             if "SOPClassUID" in ds:
                 return ds
         raise
+
+
+def index_header(path: Path, max_voxels: int = budget.MAX_VOXELS) -> pydicom.Dataset:
+    """The header for indexing: :mod:`medml.ingest.scan`'s reader (plain native files, ~10x
+    faster), or :func:`read_header` for every file it declines. Both read the same values;
+    classification and :func:`compact_header` take either."""
+    try:
+        return scan.read(path)  # type: ignore[return-value]
+    except (scan.Declined, OSError):
+        return read_header(path, max_voxels)
 
 
 # ----------------------------------------------------------------------------- deflated files
@@ -833,26 +843,27 @@ def sort_and_check(
 # ----------------------------------------------------------------------------- pixels
 
 
-def _native_plane(header: Header, blob: bytes) -> np.ndarray | None:
-    """Stored values read straight from the file bytes, where the layout allows it."""
+def _native_frames(header: Header, blob: bytes) -> np.ndarray | None:
+    """Stored values of every frame, ``(frames, rows, cols)``, read straight from the file
+    bytes where the layout allows it (native little endian, greyscale, 8 or 16 bits)."""
     start = header.get("_pixel_tell")
     if (
         header.get("TransferSyntaxUID") not in NATIVE_LE
         or start is None
         or int(header.get("SamplesPerPixel", 1)) != 1
         or int(header.BitsAllocated) not in (8, 16)
-        or int(header.get("NumberOfFrames", 1) or 1) != 1
     ):
         return None
     signed = int(header.get("PixelRepresentation", 0)) == 1
     bits = int(header.BitsAllocated)
     rows, cols = int(header.Rows), int(header.Columns)
+    frames = max(int(header.get("NumberOfFrames", 1) or 1), 1)
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-    n = rows * cols * dtype.itemsize
+    n = frames * rows * cols * dtype.itemsize
     if start + n > len(blob):
         raise SeriesError("unreadable DICOM: pixel data shorter than Rows x Columns", "unreadable")
-    words = np.frombuffer(blob, dtype, count=rows * cols, offset=start).reshape(rows, cols)
-    return stored_values(words, header)
+    words = np.frombuffer(blob, dtype, count=frames * rows * cols, offset=start)
+    return stored_values(words.reshape(frames, rows, cols), header)
 
 
 def stored_values(words: np.ndarray, header: Header) -> np.ndarray:
@@ -898,8 +909,8 @@ def _file_planes(s: Slice, blob: bytes) -> np.ndarray:
     inflated = s.header.get("_inflated_size")
     if inflated is not None:  # a deflated file: the bytes its header was read from
         blob = inflated_equivalent(blob, budget.MAX_VOXELS, expected=inflated)
-    plane = None if s.frame is not None else _native_plane(s.header, blob)
-    return plane[None] if plane is not None else _decoded_frames(blob)
+    frames = _native_frames(s.header, blob)
+    return frames if frames is not None else _decoded_frames(blob)
 
 
 def _plane(s: Slice, frames: np.ndarray) -> np.ndarray:
