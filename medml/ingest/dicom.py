@@ -23,6 +23,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -211,6 +212,11 @@ def _dimension_positions(ds: pydicom.Dataset) -> list[int]:
             not in IN_STACK_POINTERS]  # fmt: skip
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 @dataclass
 class Slice:
     """One image plane: a single-frame file, one frame of a multi-frame file, or one tile of a
@@ -229,18 +235,26 @@ class Slice:
         if isinstance(self.header, pydicom.Dataset):
             self.header = compact_header(self.header)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a new header or geometry (replaced, never edited in place) drops the cached values
+        object.__setattr__(self, name, value)
+        for cached in ("position", "orientation", "instance_key"):
+            self.__dict__.pop(cached, None)
+
     def _get(self, name: str, default: Any = None) -> Any:
         if self.geometry and name in self.geometry:
             return self.geometry[name]
         return self.header.get(name, default)
 
-    @property
+    # Cached (grouping, checks and the stack invariant ask for them thousands of times) until
+    # the header or geometry is replaced; read-only arrays, so no caller edits them.
+    @cached_property
     def position(self) -> np.ndarray:
-        return np.asarray(self._get("ImagePositionPatient"), dtype=float)
+        return _frozen(np.asarray(self._get("ImagePositionPatient"), dtype=float))
 
-    @property
+    @cached_property
     def orientation(self) -> np.ndarray:
-        return np.asarray(self._get("ImageOrientationPatient"), dtype=float)
+        return _frozen(np.asarray(self._get("ImageOrientationPatient"), dtype=float))
 
     @property
     def pixel_spacing(self) -> tuple[float, float]:
@@ -268,7 +282,7 @@ class Slice:
         except (TypeError, ValueError):
             return 0
 
-    @property
+    @cached_property
     def instance_key(self) -> tuple:
         """Equal for copies of one plane: the same SOP instance, frame and tile, and the same
         volume keys (writers that reuse one SOPInstanceUID for several echoes exist)."""

@@ -410,19 +410,24 @@ def _parse(filename: str, buf: bytes, size: int) -> ScannedHeader:
                     start = pos + 8
                 else:
                     raise Declined("unknown VR")
-            if length != UNDEFINED and group != 0xFFFE and (group << 16 | elem) not in SPECIAL:
+            tag = group << 16 | elem
+            if length != UNDEFINED and group != 0xFFFE and tag not in SPECIAL:
                 pos = start + length
                 continue
-        if pos + 8 > blen and not complete:
-            raise _NeedMore()
-        if pos + 8 > size:
-            raise Declined("trailing bytes after the last element")
-        try:
-            tag, vr, length, start = r.header(pos, implicit)
-        except Declined:
-            if not complete:
-                raise _NeedMore() from None
-            raise
+            if group == 0xFFFE:
+                raise Declined("item tag outside a sequence")
+            vr = None if implicit else vr_bytes.decode()
+        else:  # the last bytes of the buffer
+            if pos + 8 > blen and not complete:
+                raise _NeedMore()
+            if pos + 8 > size:
+                raise Declined("trailing bytes after the last element")
+            try:
+                tag, vr, length, start = r.header(pos, implicit)
+            except Declined:
+                if not complete:
+                    raise _NeedMore() from None
+                raise
         if tag in ENHANCED_TAGS:
             if implicit or vr != "SQ":
                 raise Declined("enhanced object in implicit VR (or its sequence not SQ)")
