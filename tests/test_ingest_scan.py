@@ -93,7 +93,10 @@ def _fixtures(root: Path) -> list[Path]:
     return paths
 
 
-def test_fixtures_read_the_same(tmp_path):
+@pytest.mark.parametrize("head_bytes", [scan.HEAD_BYTES, 200])
+def test_fixtures_read_the_same(tmp_path, monkeypatch, head_bytes):
+    # 200: every header is longer than the first read, so it is read again in larger steps
+    monkeypatch.setattr(scan, "HEAD_BYTES", head_bytes)
     paths = _fixtures(tmp_path)
     accepted = [p for p in paths if _same(p)]
     assert len(accepted) == len(paths)  # all of them are native little endian, ASCII

@@ -250,11 +250,11 @@ class Slice:
     # the header or geometry is replaced; read-only arrays, so no caller edits them.
     @cached_property
     def position(self) -> np.ndarray:
-        return _frozen(np.asarray(self._get("ImagePositionPatient"), dtype=float))
+        return _frozen(np.array(self._get("ImagePositionPatient"), dtype=float))
 
     @cached_property
     def orientation(self) -> np.ndarray:
-        return _frozen(np.asarray(self._get("ImageOrientationPatient"), dtype=float))
+        return _frozen(np.array(self._get("ImageOrientationPatient"), dtype=float))
 
     @property
     def pixel_spacing(self) -> tuple[float, float]:

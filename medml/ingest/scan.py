@@ -31,7 +31,7 @@ from typing import Any
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 PIXEL_DATA = 0x7FE00010
-HEAD_BYTES = 1 << 16  # read first; a header longer than this reads the whole file
+HEAD_BYTES = 1 << 16  # read first; a longer header is read in steps of 4x
 
 # Keyword -> (tag, dictionary VR) of every public attribute ingestion reads (the VRs are
 # pydicom's dictionary's: a test checks them); implicit VR files take their VR from here.
@@ -343,12 +343,16 @@ def read(path: Path) -> ScannedHeader:
     """The kept elements of ``path`` (see the module docstring), or raise :class:`Declined`."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        buf = fh.read(HEAD_BYTES)
-        try:
-            return _parse(str(path), buf, size)
-        except _NeedMore:
+        n = HEAD_BYTES
+        while True:  # a longer header (enhanced objects): 4x more, never the pixels first
             fh.seek(0)
-            return _parse(str(path), fh.read(), size)
+            buf = fh.read(n)
+            try:
+                return _parse(str(path), buf, size)
+            except _NeedMore:
+                if len(buf) >= size:
+                    raise Declined("file changed while read") from None
+                n *= 4
 
 
 class _NeedMore(Exception):
@@ -431,9 +435,12 @@ def _parse(filename: str, buf: bytes, size: int) -> ScannedHeader:
         if tag in ENHANCED_TAGS:
             if implicit or vr != "SQ":
                 raise Declined("enhanced object in implicit VR (or its sequence not SQ)")
-            if not complete:
-                raise _NeedMore()
-            value, pos = r.items(start, length)
+            try:
+                value, pos = r.items(start, length)
+            except Declined:
+                if not complete:  # (most likely) the buffer ends inside the sequence
+                    raise _NeedMore() from None
+                raise
             elements[tag] = Element(tag, vr, value, start, length)
             continue
         if tag >> 16 == 0xFFFE:
