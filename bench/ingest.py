@@ -170,7 +170,7 @@ def main() -> int:
     ap.add_argument("--series", type=int, default=20)
     ap.add_argument("--slices", type=int, default=100)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--workers", type=int, default=0, help="0: one per CPU when it pays")
+    ap.add_argument("--workers", type=int, default=0, help="0: one per idle CPU when it pays")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--small-only", action="store_true", help="skip the large series")
     ap.add_argument("--tree", type=Path, default=Path(tempfile.gettempdir()) / "medml-bench-dicom")
