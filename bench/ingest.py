@@ -11,9 +11,12 @@ Two trees, one run, one ratio each (medml / dcm2niix wall time; goal <= 1.0 on b
 
 Both write gzip NIfTI (medml: ISA-L level 1; dcm2niix ``-z y``: pigz if installed, else its
 own deflate, level 6) without BIDS sidecars. Each figure is the best of ``--repeat`` runs (the
-machine is shared). Also prints the import time of ``medml ingest --help``.
+machine is shared). Also prints the start-up of every command (``medml CMD --help`` in a fresh
+process: what it imports), the fixed cost of ``medml ingest`` (an empty folder) and the load
+average before and after.
 
     .venv/bin/python bench/ingest.py [--series 20] [--slices 100] [--workers 0] [--repeat 3]
+                                     [--small-only]
 """
 
 from __future__ import annotations
@@ -107,13 +110,36 @@ def dcm2niix_run(dcm2niix: str, src: Path, out: Path, *extra: str) -> None:
                    check=True, capture_output=True)  # fmt: skip
 
 
-def import_time() -> float:
-    """Seconds ``medml ingest --help`` takes to start, in a fresh process."""
+def start_up(args: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``medml ARGS`` in a fresh process (interpreter start included)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "medml.cli", "ingest", "--help"], check=True,
-                   capture_output=True, env=env)  # fmt: skip
-    return time.perf_counter() - t
+    t, c = time.perf_counter(), _cpu()
+    subprocess.run([sys.executable, "-m", "medml.cli", *args], check=True, capture_output=True,
+                   env=env)  # fmt: skip
+    return time.perf_counter() - t, _cpu() - c
+
+
+def commands() -> list[list[str]]:
+    """Every command of ``medml --help`` (sub-commands of groups too), as argument lists."""
+    import typer
+
+    from medml.cli import app
+
+    out = []
+    for name, cmd in sorted(typer.main.get_command(app).commands.items()):
+        subs = getattr(cmd, "commands", None)
+        out += [[name, sub] for sub in sorted(subs)] if subs else [[name]]
+    return out
+
+
+def start_up_table(repeat: int) -> None:
+    """Start-up of ``medml CMD --help`` for every command: what each command imports."""
+    print("start-up, best of", repeat, "(wall / CPU s): medml --help", end="")
+    for args in [[], *commands()]:
+        runs = [start_up([*args, "--help"]) for _ in range(repeat)]
+        wall, cpu = min(w for w, _ in runs), min(c for _, c in runs)
+        print(f"{',' if args else ''} {' '.join(args) or ''} {wall:.2f} / {cpu:.2f}", end="")
+    print()
 
 
 def small_series(dcm2niix: str, repeat: int, workers: int) -> float | None:
@@ -144,16 +170,28 @@ def main() -> int:
     ap.add_argument("--series", type=int, default=20)
     ap.add_argument("--slices", type=int, default=100)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--workers", type=int, default=0, help="0: one per CPU when it pays")
+    ap.add_argument("--workers", type=int, default=0, help="0: one per idle CPU when it pays")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--small-only", action="store_true", help="skip the large series")
     ap.add_argument("--tree", type=Path, default=Path(tempfile.gettempdir()) / "medml-bench-dicom")
     args = ap.parse_args()
 
     dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
     print(f"cpus: {os.cpu_count()}  medml workers: {args.workers or 'auto'}  "
           f"best of {args.repeat}")  # fmt: skip
-    print(f"start-up: medml ingest --help {min(import_time() for _ in range(3)):.2f} s")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    start_up_table(args.repeat)
+    with tempfile.TemporaryDirectory() as tmp:  # ingest of an empty folder: fixed costs
+        empty = Path(tmp) / "empty"
+        empty.mkdir()
+        runs = [start_up(["ingest", str(empty), "--workspace", f"{tmp}/ws{i}"])
+                for i in range(args.repeat)]  # fmt: skip
+        print(f"medml ingest EMPTY_FOLDER: {min(w for w, _ in runs):.2f} s wall "
+              f"{min(c for _, c in runs):.2f} s CPU")  # fmt: skip
     small = small_series(dcm2niix, args.repeat, args.workers)
+    if args.small_only:
+        print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        return 0
 
     t = time.perf_counter()
     src = make_tree(args.tree, args.series, args.slices, args.size)
@@ -179,6 +217,7 @@ def main() -> int:
     if small is not None:
         print(f"ratios medml/dcm2niix -z y: small series {small:.2f}, large series "
               f"{t_medml / t_ref:.2f}")  # fmt: skip
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -17,6 +17,7 @@ from medml.catalog import Catalog
 from medml.config import IngestConfig
 from medml.ingest import ingest
 from medml.ingest.fixtures import SeriesSpec, phantom, write_series
+from medml.ingest.run import auto_workers
 from medml.workspace import Workspace
 
 PG_URL = os.environ.get("MEDML_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -144,3 +145,11 @@ def test_catalog_on_postgresql(tmp_path, secret, monkeypatch):
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()
+
+
+def test_a_pool_only_for_large_inputs_on_idle_cpus():
+    assert auto_workers(100, 512, cpus=8, load=0.0) == 1  # small input: in-process
+    assert auto_workers(600, 512, cpus=8, load=1.0) == 8  # idle (the load is this process)
+    assert auto_workers(600, 512, cpus=8, load=3.0) == 6
+    assert auto_workers(600, 512, cpus=2, load=5.0) == 1  # a busy machine: in-process
+    assert auto_workers(600, 512, cpus=2, load=0.2) == 2

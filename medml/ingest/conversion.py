@@ -276,7 +276,7 @@ def index_file(ctx: WorkerContext, path: Path) -> Indexed:
     if nifti.is_nifti_name(path):
         return IndexedNifti(path)
     try:
-        header = dicom.read_header(path, ctx.cfg.max_voxels)
+        header = dicom.index_header(path, ctx.cfg.max_voxels)
     except budget.BudgetError as exc:  # a deflated file inflating past its budget
         return IndexedRecord(FileRecord(rel, "quarantined", reason=_clean(ctx, str(exc))))
     except dicom.InvalidDicomError:

@@ -107,11 +107,16 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     Building a new header drops ``descrip``, ``aux_file``, ``intent_name`` and extensions, where
     exporters sometimes put patient names.
     """
-    img = nib.Nifti1Image(_compact(np.asarray(data)), affine)
-    canon = nib.as_closest_canonical(img)
-    out = nib.Nifti1Image(np.asfortranarray(np.asarray(canon.dataobj)), canon.affine)
-    out.set_qform(canon.affine, code=1)
-    out.set_sform(canon.affine, code=1)
+    data = _compact(np.asarray(data))
+    affine = np.array(affine, dtype=np.float64)
+    # what nib.as_closest_canonical does, without building the two images it goes through
+    ornt = nib.orientations.io_orientation(affine)
+    if not np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        affine = affine.dot(nib.orientations.inv_ornt_aff(ornt, data.shape))
+        data = nib.orientations.apply_orientation(data, ornt)
+    out = nib.Nifti1Image(np.asfortranarray(data), affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
     return out
 
 

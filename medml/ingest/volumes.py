@@ -173,10 +173,11 @@ def _split_group(members: list[Plane], normal: np.ndarray) -> list[Volume]:
         return [c for p in group for c in copies[p.instance_key]]
 
     names = list(KEYS)
+    values = {k: [KEYS[k](p) for p in unique] for k in names}  # once, not once per combination
     for combo in [(k,) for k in names] + list(combinations(names, 2)):
         groups: dict[Hashable, list[Plane]] = defaultdict(list)
-        for p in unique:
-            groups[tuple(KEYS[k](p) for k in combo)].append(p)
+        for p, value in zip(unique, zip(*(values[k] for k in combo))):
+            groups[value].append(p)
         if complete(groups):
             label = "+".join(combo)
             return [
