@@ -22,6 +22,7 @@ import io
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -933,19 +934,46 @@ def _plane(s: Slice, frames: np.ndarray) -> np.ndarray:
     return frames[s.frame or 0]
 
 
-def _planes(series: Series, blobs: dict[Path, bytes]) -> list[np.ndarray]:
-    """Stored values of every slice: views into the file bytes where the layout allows."""
+def _iter_planes(series: Series, blobs: dict[Path, bytes]) -> Iterator[np.ndarray]:
+    """Stored values of every slice in order, each file read once: views into the file bytes
+    where the layout allows. A file holding one slice is read, used and let go (a 512^2 CT
+    series is never held twice in memory, and its buffers are reused); frames and mosaic tiles
+    keep their file until the series is done."""
     by_file: dict[Path, np.ndarray] = {}
-    planes = []
+    shape = None
     for s in series.slices:
-        if s.path not in blobs:
-            blobs[s.path] = s.path.read_bytes()
-        if s.path not in by_file:
-            by_file[s.path] = _file_planes(s, blobs[s.path])
-        planes.append(_plane(s, by_file[s.path]))
-    if len({p.shape for p in planes}) != 1:
-        raise SeriesError("internal check: planes of different matrix size in one volume")
-    return planes
+        many = s.frame is not None or s.tile is not None
+        frames = by_file.get(s.path)
+        if frames is None:
+            blob = blobs[s.path] if s.path in blobs else s.path.read_bytes()
+            frames = _file_planes(s, blob)
+            if many:
+                by_file[s.path] = frames
+        plane = _plane(s, frames)
+        if shape is None:
+            shape = plane.shape
+        elif plane.shape != shape:
+            raise SeriesError("internal check: planes of different matrix size in one volume")
+        yield plane
+
+
+def _output_type(series: Series, rescales: list[tuple[float, float]], planes=None):
+    """(output dtype, working dtype) of the rescaled values: int16 when every slope and
+    intercept is whole and the values fit, int32 when whole but wider, float32 otherwise.
+    ``None`` where the bit depth allows more than int16 and the values must be looked at
+    (``planes``, when given, are)."""
+    if not all(float(a).is_integer() and float(b).is_integer() for a, b in rescales):
+        return np.float32, np.float32
+    ranges = [_value_range(s, a, b) for s, (a, b) in zip(series.slices, rescales)]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if not (lo >= -(2**15) and hi < 2**15):  # the bit depth allows more: look at the values
+        if planes is None:
+            return None
+        ends = [
+            (float(p.min()) * a + b, float(p.max()) * a + b) for p, (a, b) in zip(planes, rescales)
+        ]
+        lo, hi = min(min(e) for e in ends), max(max(e) for e in ends)
+    return (np.int16 if lo >= -(2**15) and hi < 2**15 else np.int32), np.int32
 
 
 def load_volume(
@@ -955,27 +983,22 @@ def load_volume(
 
     ``blobs`` holds already-read file bytes (the caller hashed them); missing ones are read.
     The output is int16 when every slope and intercept is whole and the values fit (CT),
-    int32 when whole but wider, float32 otherwise. One pass writes the output array.
+    int32 when whole but wider, float32 otherwise. One pass writes the output array, reading
+    each file as it goes where the headers alone decide the type.
     """
     blobs = dict(blobs or {})
-    planes = _planes(series, blobs)
     rescales = [s.rescale for s in series.slices]
-    integral = all(float(a).is_integer() and float(b).is_integer() for a, b in rescales)
-    if integral:
-        ranges = [_value_range(s, a, b) for s, (a, b) in zip(series.slices, rescales)]
-        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-        if not (lo >= -(2**15) and hi < 2**15):  # the bit depth allows more: look at the values
-            ends = [
-                (float(p.min()) * a + b, float(p.max()) * a + b)
-                for p, (a, b) in zip(planes, rescales)
-            ]
-            lo, hi = min(min(e) for e in ends), max(max(e) for e in ends)
-        dtype = np.int16 if lo >= -(2**15) and hi < 2**15 else np.int32
-        work = np.int32
+    types = _output_type(series, rescales)
+    if types is None:
+        planes: Iterable[np.ndarray] = list(_iter_planes(series, blobs))
+        types = _output_type(series, rescales, planes)
     else:
-        dtype = work = np.float32
-    out = np.empty((len(planes), *planes[0].shape), dtype)
+        planes = _iter_planes(series, blobs)
+    dtype, work = types
+    out = None
     for k, (plane, (slope, intercept)) in enumerate(zip(planes, rescales)):
+        if out is None:
+            out = np.empty((len(rescales), *plane.shape), dtype)
         if slope == 1:
             np.add(plane, work(intercept), out=out[k], dtype=work, casting="unsafe")
         else:

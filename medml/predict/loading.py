@@ -30,7 +30,7 @@ def load_dicom_folder(path: Path, checks: SeriesChecks) -> tuple[np.ndarray, np.
     slices, refused = [], []
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         try:
-            header = dicom.read_header(f, checks.max_voxels)
+            header = dicom.index_header(f, checks.max_voxels)
         except budget.BudgetError as exc:  # a deflated file inflating past its budget
             refused.append(f"{f.name}: {exc}")
             continue
@@ -40,7 +40,7 @@ def load_dicom_folder(path: Path, checks: SeriesChecks) -> tuple[np.ndarray, np.
         if problem is not None and checks.action(problem.case) != "convert":
             refused.append(f"{f.name}: {problem.reason}")
             continue
-        slices.append(dicom.Slice(f, header))
+        slices.append(dicom.Slice(f, dicom.compact_header(header)))
     groups = dicom.group_series(slices)
     if len(groups) != 1:
         why = f" ({refused[0]})" if refused and not groups else ""
