@@ -14,6 +14,8 @@ from medml.io import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI1_VOX_OFFSET = 352  # 348-byte header + 4-byte extension flag (no extensions)
+NIFTI1_HEADER_BYTES = 348
+SIZEOF_HDR = (348).to_bytes(4, "little")  # a little-endian NIfTI-1 header starts so
 
 
 def is_nifti_name(path: Path) -> bool:
@@ -29,6 +31,11 @@ def _read(path: Path, max_voxels: int) -> nib.Nifti1Image:
     header, the voxels it claims must fit the ceiling and be in the file (uncompressed) or
     inflate to exactly that size (gzip: inflated by ISA-L in chunks, 2-3x faster than nibabel's
     zlib reader, stopping one byte past the claim)."""
+    if path.name.lower().endswith(".gz"):
+        with path.open("rb") as fh:
+            img = _read_gz_nifti1(budget.Inflater(fh, budget.GZIP_WBITS), max_voxels)
+        if img is not None:
+            return img
     img = nib.load(str(path))  # the header; voxels stay on disk
     hdr = img.header
     shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
@@ -41,6 +48,24 @@ def _read(path: Path, max_voxels: int) -> nib.Nifti1Image:
     with path.open("rb") as fh:
         blob = budget.Inflater(fh, budget.GZIP_WBITS).read_exactly(what, needed)
     return type(img).from_bytes(blob)
+
+
+def _read_gz_nifti1(inflater: budget.Inflater, max_voxels: int) -> nib.Nifti1Image | None:
+    """A gzipped single-file NIfTI-1 (nearly every ``.nii.gz``), its header parsed from the
+    first inflated bytes; ``None`` for any other kind, which nibabel's loader then sniffs
+    (it would open the file again through Python's gzip module: 0.3 ms of a 3 ms read)."""
+    inflater.fill(NIFTI1_HEADER_BYTES)
+    head = inflater.data()[:NIFTI1_HEADER_BYTES]
+    if len(head) < NIFTI1_HEADER_BYTES or head[344:348] != b"n+1\x00" or head[:4] != SIZEOF_HDR:
+        return None
+    hdr = nib.Nifti1Header(head)
+    shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
+    what = f"{' x '.join(map(str, shape))} {dtype.name}"
+    offset = int(hdr.get_data_offset())
+    if offset < NIFTI1_VOX_OFFSET:  # malformed: as nibabel's loader reads it
+        return None
+    needed = offset + budget.check_claim(what, shape, dtype.itemsize, max_voxels)
+    return nib.Nifti1Image.from_bytes(inflater.read_exactly(what, needed))
 
 
 def load_nifti(path: Path, max_voxels: int = budget.MAX_VOXELS) -> tuple[np.ndarray, np.ndarray]:
