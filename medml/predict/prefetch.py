@@ -29,7 +29,7 @@ from medml.data.transforms import KEY, deterministic_chain
 from medml.ingest.checks import SeriesChecks
 from medml.predict.inputs import DOES_NOT_EXIST, describe_error
 from medml.predict.loading import load_input
-from medml.processes import cap_workers, die_with_parent
+from medml.processes import cap_workers, die_with_parent, reuse_freed_memory
 
 # (volume or None, content scan id or None, error message or None) for one input
 Prepared = tuple[np.ndarray | None, str | None, str | None]
@@ -56,6 +56,7 @@ def prepare(chain: Any, path: str, checks: SeriesChecks | None = None) -> Prepar
 def _init(cfg: PreprocessConfig, checks: SeriesChecks | None) -> None:
     global _CHAIN, _CHECKS
     die_with_parent()  # a killed predict takes its workers with it
+    reuse_freed_memory()  # every scan allocates what the last one freed
     torch.set_num_threads(1)  # one core per worker; the pool is the parallelism
     _CHAIN = deterministic_chain(cfg, load=False)
     _CHECKS = checks
