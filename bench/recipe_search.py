@@ -133,7 +133,13 @@ def build_bundle(args: argparse.Namespace, n_classes: int):
         return build_loss(LossConfig(name="softmax"), n_classes, args.emb), build_loss(
             LossConfig(name="triplet", margin=args.margin, miner=args.miner), n_classes, args.emb
         )
-    cfg = LossConfig(name=args.loss, margin=args.margin, scale=args.scale, miner=args.miner)
+    cfg = LossConfig(
+        name=args.loss,
+        margin=args.margin,
+        scale=args.scale,
+        miner=args.miner,
+        options=json.loads(args.loss_options),
+    )
     return build_loss(cfg, n_classes, args.emb), None
 
 
@@ -407,6 +413,7 @@ def main() -> None:
     p.add_argument("--margin", type=float)
     p.add_argument("--scale", type=float)
     p.add_argument("--miner", default="semihard")
+    p.add_argument("--loss-options", default="{}", help='JSON, e.g. {"label_smoothing": 0.1}')
     p.add_argument("--metric-weight", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--warmup", type=int, default=1)
