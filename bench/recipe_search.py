@@ -116,6 +116,8 @@ AUGS = {
         "scale": 0.1,
         "shift": 2,
     },
+    # rotation only: zoom changes a gland's size, which may be the label's signal
+    "flip3_rot": {"flip": [0, 1, 2], "affine_p": 0.5, "rot_deg": 10, "scale": 0.0},
     "flip3_aff20": {"flip": [0, 1, 2], "affine_p": 0.8, "rot_deg": 20, "scale": 0.15},
 }
 TTA_FLIPS = {
@@ -131,7 +133,13 @@ def build_bundle(args: argparse.Namespace, n_classes: int):
         return build_loss(LossConfig(name="softmax"), n_classes, args.emb), build_loss(
             LossConfig(name="triplet", margin=args.margin, miner=args.miner), n_classes, args.emb
         )
-    cfg = LossConfig(name=args.loss, margin=args.margin, scale=args.scale, miner=args.miner)
+    cfg = LossConfig(
+        name=args.loss,
+        margin=args.margin,
+        scale=args.scale,
+        miner=args.miner,
+        options=json.loads(args.loss_options),
+    )
     return build_loss(cfg, n_classes, args.emb), None
 
 
@@ -405,6 +413,7 @@ def main() -> None:
     p.add_argument("--margin", type=float)
     p.add_argument("--scale", type=float)
     p.add_argument("--miner", default="semihard")
+    p.add_argument("--loss-options", default="{}", help='JSON, e.g. {"label_smoothing": 0.1}')
     p.add_argument("--metric-weight", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--warmup", type=int, default=1)
@@ -424,6 +433,12 @@ def main() -> None:
     p.add_argument("--ssl-aug", default="flip3_rot90_aff", choices=sorted(AUGS))
     p.add_argument("--ens", type=int, default=1, help="members per ensemble (concat embeddings)")
     p.add_argument("--out", type=Path, default=Path("bench/results/recipe_runs.csv"))
+    p.add_argument(
+        "--dump",
+        type=Path,
+        help="folder: save each fold's raw 8-flip TTA embeddings (support, held-out, val) as"
+        " <name>_s<seed>_<fold>.npz, to study decision rules offline without retraining",
+    )
     p.add_argument("--npz", type=Path, default=NPZ)
     args = p.parse_args()
 
@@ -456,6 +471,11 @@ def main() -> None:
                 variants += [
                     (f"ens{args.ens}_{v}", Concat([mm[v] for mm in members])) for v, _ in variants
                 ]
+            if args.dump is not None:
+                _dump(args, seed, fold, members[0]["raw"], tx, ty, qx, qy, data["val"])
+                if args.ens > 1:
+                    ens = Concat([mm["raw"] for mm in members])
+                    _dump(args, seed, fold, ens, tx, ty, qx, qy, data["val"], f"ens{args.ens}")
             rows = []
             for vname, m in variants:
                 for r in score_model(m, tx, ty, qx, qy, seed, args.tta, calib):
@@ -472,6 +492,21 @@ def main() -> None:
                 + f"  best-auc {best['model']}/{best['tta']}/{best['rule']}",
                 flush=True,
             )
+
+
+def _dump(args, seed, fold, model, tx, ty, qx, qy, val, tag: str = "") -> None:
+    """The raw model's 8-flip TTA embeddings of the fold's support, held-out and val scans."""
+    args.dump.mkdir(parents=True, exist_ok=True)
+    f = TTA_FLIPS["flip3"]
+    np.savez_compressed(
+        args.dump / f"{args.name}{tag and '_' + tag}_s{seed}_{fold}.npz",
+        s_emb=embed(model, tx, f),
+        s_y=ty,
+        q_emb=embed(model, qx, f),
+        q_y=qy,
+        v_emb=embed(model, val[0], f),
+        v_y=val[1],
+    )
 
 
 def _append(args, config, seed, fold, wall, rows) -> None:

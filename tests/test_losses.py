@@ -131,3 +131,20 @@ def test_triplet_miners_and_margin_defaults():
     assert semi.type_of_triplets == "semihard"
     arc = build_loss(LossConfig(name="arcface"), 3, 8).loss
     assert arc.margin == pytest.approx(math.radians(28.6))  # PML takes degrees
+
+
+def test_softmax_label_smoothing_matches_a_hand_computation_and_is_refused_out_of_range():
+    # loss.options reaches the softmax baseline: with smoothing eps over C classes the target
+    # is (1 - eps) one-hot + eps / C, so the loss is -(sum target * log_softmax).
+    torch.manual_seed(0)
+    emb, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    plain = build_loss(LossConfig(name="softmax"), 3, 4).loss
+    smooth = build_loss(LossConfig(name="softmax", options={"label_smoothing": 0.2}), 3, 4).loss
+    smooth.classifier.load_state_dict(plain.classifier.state_dict())
+    logp = F.log_softmax(plain.classifier(emb), dim=1)
+    target = 0.8 * F.one_hot(y, 3).float() + 0.2 / 3
+    expected = -(target * logp).sum(1).mean()
+    assert torch.allclose(smooth(emb, y), expected, atol=1e-6)
+    assert not torch.allclose(plain(emb, y), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_loss(LossConfig(name="softmax", options={"label_smoothing": 1.0}), 3, 4)
