@@ -11,7 +11,12 @@ epoch and report the test metrics once. Writes ``label_efficiency.csv``, a markd
 
 For classes never trained on (synthetic CT with ``--novel``), ``--novel`` instead reports
 N-way K-shot episode accuracy on the novel classes for K in ``--shots`` (1,5,10), training on
-the base classes only.
+the base classes only; ``--encoders`` adds contrastive pretraining (``pretrained``: labels
+never used, ``pretrained+base``: then fine-tuned on the base classes):
+
+    .venv/bin/python bench/label_efficiency.py --config configs/novel-ct.yaml \
+        --workspace workspace-novel --novel --shots 1,5,10 --seeds 3 \
+        --encoders base,pretrained,pretrained+base --losses triplet --out docs/
 """
 
 from __future__ import annotations
@@ -92,32 +97,70 @@ def run_budgets(args, settings, ws: Workspace) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def novel_episodes(emb, scans: list[dict], e, shots: int, seed: int) -> dict[str, dict]:
+    """K-shot episodes on the novel scans, two ways of drawing them.
+
+    ``pool``: support and queries from every novel scan (never overlapping in an episode).
+    ``heldout``: support from the novel train/val scans, queries from the novel test scans
+    only: the images contrastive pretraining never saw (it leaves the test split out), so a
+    pretrained encoder cannot have memorised them even without their labels.
+    """
+    labels = emb.labels
+    test = np.array([s.get("split") == "test" for s in scans])
+    pool = fewshot_episodes(emb.emb, labels, emb.emb, labels, e.ways, shots, e.queries,
+                            e.episodes, seed)  # fmt: skip
+    held = fewshot_episodes(emb.emb[~test], labels[~test], emb.emb[test], labels[test], e.ways,
+                            shots, e.queries, e.episodes, seed)  # fmt: skip
+    return {"pool": pool, "heldout": held}
+
+
 def run_novel(args, settings, ws: Workspace) -> pd.DataFrame:
-    """Train on base classes, then K-shot episodes on the novel classes (never trained on)."""
+    """Train on base classes, then K-shot episodes on the novel classes (never trained on).
+
+    ``--encoders`` picks what is embedded: ``base`` (trained on the base classes from random
+    weights), ``pretrained`` (contrastive pretraining on every non-test scan, labels unused,
+    no base training), ``pretrained+base`` (the pretrained encoder fine-tuned on the base
+    classes).
+    """
     catalog = Catalog(ws.catalog_url)
     ensure_splits(catalog, settings.split)
     novel = catalog.list_scans(class_set="novel")
+    kinds = args.encoders.split(",")
     rows = []
     for seed in range(args.seeds):
-        for loss in args.losses.split(","):
-            one = settings.model_copy(
-                update={
-                    "loss": settings.loss.model_copy(
-                        update={"name": loss, "margin": None, "scale": None, "miner": None}
-                    ),
-                    "train": settings.train.model_copy(update={"seed": seed}),
-                }
+        encoders: dict[str, tuple] = {}
+        init = None
+        if any(k.startswith("pretrained") for k in kinds):
+            s = settings.model_copy(
+                update={"pretrain": settings.pretrain.model_copy(update={"seed": seed})}
             )
-            fit = train(one, ws, progress=False, run_name=f"{loss} · novel · seed {seed}")
-            enc = load_encoder(one.model, fit.checkpoint)
-            emb = embed_scans(enc, ws, one.preprocess, novel, one.evaluate.batch_size)
+            pre = pretrain(s, ws, progress=False)
+            init = f"runs:/{pre.run_id}"
+            if "pretrained" in kinds:
+                encoders["pretrained"] = ("-", load_encoder(settings.model, pre.checkpoint))
+        for loss in args.losses.split(","):
+            for kind in (k for k in kinds if k in ("base", "pretrained+base")):
+                one = settings.model_copy(
+                    update={
+                        "loss": settings.loss.model_copy(
+                            update={"name": loss, "margin": None, "scale": None, "miner": None}
+                        ),
+                        "model": settings.model.model_copy(
+                            update={"init_from": init if kind == "pretrained+base" else None}
+                        ),
+                        "train": settings.train.model_copy(update={"seed": seed}),
+                    }
+                )
+                fit = train(one, ws, progress=False, run_name=f"{loss} · {kind} · seed {seed}")
+                encoders[f"{kind}/{loss}"] = (loss, load_encoder(one.model, fit.checkpoint))
+        for name, (loss, enc) in encoders.items():
+            emb = embed_scans(enc, ws, settings.preprocess, novel, settings.evaluate.batch_size)
             for shots in (int(k) for k in args.shots.split(",")):
-                e = one.evaluate
-                fs = fewshot_episodes(emb.emb, emb.labels, emb.emb, emb.labels, e.ways, shots,
-                                      e.queries, e.episodes, seed)  # fmt: skip
-                rows.append({"loss": loss, "shots": shots, "ways": fs["ways"], "seed": seed,
-                             "accuracy": fs["accuracy"]})  # fmt: skip
-                print(rows[-1], flush=True)
+                for draw, fs in novel_episodes(emb, novel, settings.evaluate, shots, seed).items():
+                    rows.append({"encoder": name.split("/")[0], "loss": loss, "episodes": draw,
+                                 "shots": shots, "ways": fs["ways"], "seed": seed,
+                                 "accuracy": fs["accuracy"]})  # fmt: skip
+                    print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
 
@@ -184,6 +227,11 @@ def main() -> None:
     parser.add_argument("--pretrain", action="store_true", help="also with pretraining")
     parser.add_argument("--novel", action="store_true", help="novel-class K-shot episodes")
     parser.add_argument("--shots", default="1,5,10")
+    parser.add_argument(
+        "--encoders",
+        default="base",
+        help="--novel: comma list of base, pretrained, pretrained+base",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()
@@ -194,7 +242,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.novel:
         frame = run_novel(args, settings, ws)
-        summary = summarise(frame, ["loss", "shots"], ["accuracy"])
+        summary = summarise(frame, ["encoder", "loss", "episodes", "ways", "shots"], ["accuracy"])
         stem = "novel_shots"
     else:
         frame = run_budgets(args, settings, ws)

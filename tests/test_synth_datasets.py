@@ -84,6 +84,41 @@ def test_every_novel_finding_changes_the_image(kind):
         assert changed.sum() >= 8, gen.ALL_CLASSES[label]  # a small nodule is a few voxels
 
 
+def test_ct_novel_classes_are_five_drawn_and_labelled(tmp_path):
+    # 5-way episodes on classes never trained on need five novel classes, each written.
+    assert len(covid_ct.NOVEL_CLASSES) == 5
+    cfg = SynthConfig(kind="covid-ct", n_patients=10, seed=3, novel=True, format="nifti", **SMALL)
+    generate(cfg, tmp_path, progress=False)
+    novel = {r["label"] for r in _labels(tmp_path) if r["class_set"] == "novel"}
+    assert novel == set(covid_ct.NOVEL_CLASSES)
+
+
+@pytest.mark.parametrize("finding", covid_ct.NOVEL_CLASSES)
+def test_each_ct_finding_is_visible_in_the_tensor_the_encoder_sees(tmp_path, finding):
+    """At its smallest extent, each finding still changes the demo's 6 mm, 32^3 tensor, and
+    stays a plausible finding (not most of the chest)."""
+    import dataclasses
+
+    from medml.config import PreprocessConfig
+    from medml.data.transforms import KEY, deterministic_chain
+    from medml.synth.writers import write_nifti
+
+    cfg = SynthConfig(kind="covid-ct", difficulty=0.0, novel=True, slice_thickness_mm=(6.0, 6.0))
+    chain = deterministic_chain(PreprocessConfig(pixdim=(6.0, 6.0, 6.0), spatial_size=(32,) * 3))
+
+    def tensor(label: int) -> np.ndarray:
+        # difficulty 0 and one render seed: the same body, lungs and vessels for both
+        p = dataclasses.replace(covid_ct.draw(label, cfg, np.random.default_rng(0)), severity=0.4)
+        vol, grid = covid_ct.render(p, cfg, np.random.default_rng(1))
+        write_nifti(vol, grid, tmp_path / f"{label}.nii.gz")
+        return np.asarray(chain({KEY: str(tmp_path / f"{label}.nii.gz")})[KEY])[0]
+
+    diff = np.abs(tensor(covid_ct.ALL_CLASSES.index(finding)) - tensor(0))
+    changed = diff > 0.05  # 75 HU of the 1500 HU window
+    assert changed.sum() >= 10, finding  # the smallest nodule is a handful of 6 mm voxels
+    assert changed.mean() < 0.15, finding
+
+
 def test_mri_stages_overlap_but_stage_effects_grow():
     cfg = SynthConfig(kind="cirrhosis-mri")
     rng = np.random.default_rng(0)

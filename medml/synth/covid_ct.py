@@ -8,8 +8,10 @@ and a jitter on the involved share make adjacent classes overlap.
 
 Novel findings (``--novel``, for few-shot evaluation; never in the base training classes) are
 drawn on otherwise clear lungs: emphysema (upper-zone low-attenuation areas and apical bullae),
-pleural effusion (dependent fluid layer), a solitary pulmonary nodule, and fibrosis with
-honeycombing (peripheral basal reticulation with clustered air cysts and volume loss).
+pleural effusion (dependent fluid layer), a solitary pulmonary nodule, fibrosis with
+honeycombing (peripheral basal reticulation with clustered air cysts and volume loss), and lobar
+consolidation (bacterial pneumonia: part or all of one lobe, one side, at soft-tissue density
+with air bronchograms, bounded by the oblique fissure).
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from medml.synth.phantom import (
 )
 
 CLASSES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
-NOVEL_CLASSES = ("emphysema", "pleural-effusion", "solitary-nodule", "honeycombing")
+NOVEL_CLASSES = (
+    "emphysema",
+    "pleural-effusion",
+    "solitary-nodule",
+    "honeycombing",
+    "lobar-consolidation",
+)
 ALL_CLASSES = CLASSES + NOVEL_CLASSES
 MODALITY = "CT"
 ORDINAL = True
@@ -216,6 +224,41 @@ def _novel_finding(p, grid, zyx, lung, lungs, periphery, lung_vals, lung_radii, 
         cells = smooth_field(grid.shape, (0.8, 0.8, 0.8), rng)[lung]
         vals = np.where(cells > 0.6, -950.0, np.where(cells > -0.2, -80.0, -550.0))
         lung_vals[zone] = vals[zone].astype(np.float32)
+    elif p.finding == "lobar-consolidation":
+        _consolidation(p, grid, zyx, lung, (z, y, x), zc, lung_vals, b / 0.7, rng)
+
+
+def _consolidation(p, grid, zyx, lung, lung_zyx, zc, lung_vals, a, rng) -> None:
+    """Lobar pneumonia in one lung: the upper or lower lobe (split by an oblique fissure that
+    runs from high posterior to low anterior), filled from the fissure-far side for 40-100 % of
+    the lobe with severity, at -40..+40 HU; the bronchi inside stay air (air bronchograms)."""
+    z, y, x = lung_zyx
+    side = rng.choice((-1.0, 1.0))
+    yn = (y - y.min()) / max(float(np.ptp(y)), 1.0)  # 0 anterior, 1 posterior
+    fissure = zc - (0.15 + 0.7 * yn)  # < 0: lower lobe (posterior-basal), > 0: upper lobe
+    lower = bool(rng.random() < 0.6)  # lower-lobe pneumonia is the more common
+    depth = -fissure if lower else fissure
+    lobe = (x * side > 0) & (depth > 0)
+    if not lobe.any():
+        return
+    # Spread from the lobe's far side towards the fissure with an irregular, patchy front;
+    # only a whole-lobe consolidation shows the fissure's straight edge.
+    sig = tuple(12.0 / s for s in grid.spacing)
+    score = depth + 0.3 * smooth_field(grid.shape, sig, rng)[lung]
+    cut = np.quantile(score[lobe], 1.0 - (0.4 + 0.6 * p.severity))
+    dense = lobe & (score > cut)
+    hu = rng.uniform(-40.0, 40.0)
+    lung_vals[dense] = hu + 15.0 * smooth_field(grid.shape, (1.0, 1.5, 1.5), rng)[lung][dense]
+    # Air bronchograms (the sign of consolidation): a bronchial tree from the hilum, lobar
+    # bronchi ~9 mm wide, visible only where the lung around them is dense.
+    root = np.array([0.0, 0.0, side * 0.22 * a])
+    segments = []
+    for _ in range(3):
+        direction = np.array([rng.normal(-0.6 if lower else 0.6, 0.4), rng.normal(0, 0.5), side])
+        direction /= np.linalg.norm(direction)
+        segments += vessel_segments(root, direction, 0.2 * a, 4.5, 3, rng)
+    bronchi = draw_tubes(grid.shape, _to_index(grid, p), zyx, segments)[lung]
+    lung_vals[dense & bronchi] = -900.0
 
 
 def _effusion(p, zyx, lungs, heart, vol, b, lung_radii) -> None:
