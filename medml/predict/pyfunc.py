@@ -157,33 +157,36 @@ class MedmlModel(PythonModel):
         ok = np.array([e is None for e in errors], dtype=bool)
         neighbour_idx: list[list[int]] = [[] for _ in errors]
         classes = self.prototypes.classes
-        out = pd.DataFrame(
-            {
-                "input": pd.Series(inputs, dtype=object),
-                "scan_id": pd.Series(ids, dtype=object),
-                "predicted_class": None,
-                "similarity": np.nan,
-                "margin": np.nan,
-            }
-        )
-        for c in classes:
-            out[prob_column(c)] = np.nan
-        out["nearest_support"] = None
+        n = len(errors)
+        # columns filled as arrays, then one frame: a .loc assignment per column cost more
+        # than the decision itself (0.6 ms a scan in batch prediction)
+        names = np.full(n, None, dtype=object)
+        best, margin = np.full(n, np.nan), np.full(n, np.nan)
+        probs = np.full((n, len(classes)), np.nan)
+        nearest = np.full(n, None, dtype=object)
         if ok.any():
             d = self.prototypes.decide(emb[ok], self.settings.prototypes.neighbours)
-            out.loc[ok, "predicted_class"] = d.names
-            out.loc[ok, "similarity"] = d.best
-            out.loc[ok, "margin"] = d.margin
-            out.loc[ok, [prob_column(c) for c in classes]] = d.probs
-            out.loc[ok, "nearest_support"] = [";".join(n) for n in d.neighbours]
+            names[ok] = d.names
+            best[ok], margin[ok], probs[ok] = d.best, d.margin, d.probs
+            nearest[ok] = [";".join(k) for k in d.neighbours]
             for i, idx in zip(np.flatnonzero(ok), d.neighbour_idx):
                 neighbour_idx[i] = idx.tolist()
-        # an error row is neither known nor unknown: null, not False
-        out["unknown"] = pd.Series(
-            [(c == UNKNOWN) if e is None else None for c, e in zip(out["predicted_class"], errors)],
-            dtype=object,
-        )
-        out["error"] = pd.Series(errors, dtype=object)
+        columns = {
+            "input": pd.Series(inputs, dtype=object),
+            "scan_id": pd.Series(ids, dtype=object),
+            "predicted_class": pd.Series(names, dtype=object),
+            "similarity": best,
+            "margin": margin,
+            **{prob_column(c): probs[:, j] for j, c in enumerate(classes)},
+            # an error row is neither known nor unknown: null, not False
+            "unknown": pd.Series(
+                [(c == UNKNOWN) if e is None else None for c, e in zip(names, errors)],
+                dtype=object,
+            ),
+            "nearest_support": pd.Series(nearest, dtype=object),
+            "error": pd.Series(errors, dtype=object),
+        }
+        out = pd.DataFrame(columns)
         return out[output_columns(classes)], neighbour_idx
 
 
