@@ -89,8 +89,11 @@ class Catalog:
                 with self.engine.connect() as conn:
                     if conn.dialect.name == "sqlite":
                         # one transaction, one fsync: pysqlite runs DDL outside transactions,
-                        # so each CREATE was committed (and synced) on its own, ~0.1 s in all
-                        conn.exec_driver_sql("BEGIN")
+                        # so each CREATE was committed (and synced) on its own, ~0.1 s in all.
+                        # IMMEDIATE: the write lock first, so processes creating one catalog at
+                        # once wait for each other (a deferred BEGIN upgrades its read lock and
+                        # deadlocks, "database is locked" at once, without waiting)
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
                     metadata.create_all(conn)
                     conn.commit()
                 self._add_missing_columns()
