@@ -10,6 +10,7 @@ label file and (``--messy``) the messy export for all of them.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import shutil
@@ -30,7 +31,7 @@ from medml.synth.writers import SeriesMeta, _uid, write_dicom_series, write_nift
 log = logging.getLogger(__name__)
 
 GENERATORS: dict[str, ModuleType] = {"covid-ct": covid_ct, "cirrhosis-mri": cirrhosis_mri}
-MANIFEST = "synth.json"  # the generating config; a rerun with the same config writes nothing
+MANIFEST = "synth.json"  # config + generator version; a rerun with both unchanged writes nothing
 EXPECTED_INGEST = "expected_ingest.json"  # every file's expected ingest outcome
 LABEL_COLUMNS = ("patient_id", "study_uid", "series_uid", "path", "label", "class_set", "modality")
 
@@ -64,21 +65,33 @@ def series_meta(cfg: SynthConfig, params) -> SeriesMeta:
     return SeriesMeta("CT", description=f"CHEST {params.slice_thickness:.1f}mm")
 
 
+def generator_version() -> str:
+    """Hash of the generators' source (this package): data that other code wrote for the same
+    config is not this config's dataset, so a changed generator rewrites it."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> SynthResult:
     """Write ``cfg.n_patients`` patients (some with a follow-up study) under ``out``.
 
     Deterministic for ``cfg.seed``: the same config writes the same voxels and UIDs, so when
-    ``out`` already holds the dataset of this exact config (``synth.json``), nothing is
-    rewritten; a dataset of another config written there before is replaced. Classes (base,
-    then novel with ``cfg.novel``) are balanced by cycling through them; with ``format: mixed``
-    a random 30 % of patients are written as NIfTI, the rest as DICOM series. With
-    ``cfg.messy`` a messy export is written around the first DICOM study. Every file's
-    expected ingest outcome goes to ``expected_ingest.json``.
+    ``out`` already holds the dataset of this exact config and generator code
+    (``synth.json``), nothing is rewritten; a dataset of another config (or another generator)
+    written there before is replaced. Classes (base, then novel with ``cfg.novel``) are
+    balanced by cycling through them; with ``format: mixed`` a random 30 % of patients are
+    written as NIfTI, the rest as DICOM series. With ``cfg.messy`` a messy export is written
+    around the first DICOM study. Every file's expected ingest outcome goes to
+    ``expected_ingest.json``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest, labels_csv = out / MANIFEST, out / "labels.csv"
-    wanted = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    wanted = json.dumps(
+        {"config": cfg.model_dump(mode="json"), "generator": generator_version()}, sort_keys=True
+    )
     if labels_csv.exists() and manifest.exists() and manifest.read_text() == wanted:
         n_studies = sum(1 for _ in labels_csv.open()) - 1
         log.info("%s already holds this synthetic dataset; nothing to write", out)
