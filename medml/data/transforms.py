@@ -39,14 +39,11 @@ import torch.nn.functional as F
 from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.data.utils import compute_shape_offset, zoom_affine
-from monai.transforms.lazy.functional import apply_pending
-from monai.transforms.lazy.utils import affine_from_pending
-from monai.utils import LazyAttr
 
 from medml.config import PreprocessConfig
 from medml.data.intensity import INTENSITY, KEY
 
-__all__ = ["KEY", "Preprocessd", "SeparableSpacingd", "deterministic_chain", "spacing_grid"]
+__all__ = ["KEY", "Preprocessd", "deterministic_chain", "spacing_grid"]
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -133,35 +130,6 @@ def signed_axes(linear: np.ndarray) -> tuple[list[int], list[bool]] | None:
     return axes, reverse
 
 
-class SeparableSpacingd(mt.MapTransform):
-    """``Spacingd(keys, pixdim, mode="bilinear")`` with the separable executor (module doc)
-    where the voxel-to-voxel affine allows it, MONAI's own resampling elsewhere."""
-
-    def __init__(self, keys: Any, pixdim: Any) -> None:
-        super().__init__(keys)
-        self.lazy_spacing = mt.Spacingd(keys, pixdim=pixdim, mode="bilinear", lazy=True)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = self.lazy_spacing(dict(data))
-        for key in self.key_iterator(d):
-            d[key] = _apply_spacing(d[key])
-        return d
-
-
-def _apply_spacing(img: MetaTensor) -> MetaTensor:
-    pending = img.pending_operations[-1]
-    matrix = np.asarray(affine_from_pending(pending), dtype=np.float64)  # out index -> in index
-    linear = matrix[:3, :3]
-    if len(img.pending_operations) != 1 or not np.allclose(linear, np.diag(np.diag(linear))):
-        return apply_pending(img, overrides={"dtype": torch.float32})[0]  # oblique: MONAI's own
-    shape = [int(n) for n in pending[LazyAttr.SHAPE]]
-    sizes = img.shape[1:]
-    plans = [axis_plan(matrix[a, a], matrix[a, 3], shape[a], sizes[a]) for a in range(3)]
-    x = separable_resample(img.as_tensor(), plans)
-    dst_affine = img.affine.double() @ torch.as_tensor(matrix, dtype=torch.float64)
-    return MetaTensor(x, affine=dst_affine)
-
-
 def foreground_box(x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]):
     """MONAI's ``generate_spatial_bounding_box`` (margin 0, ``allow_smaller``): per spatial
     axis, from the first to one past the last index where any channel is selected; ``None``
@@ -194,7 +162,7 @@ class Preprocessd(mt.MapTransform):
         self.monai_steps = mt.Compose(
             [
                 mt.Orientationd(KEY, axcodes="RAS", labels=RAS_LABELS),
-                SeparableSpacingd(KEY, pixdim=self.pixdim),
+                mt.Spacingd(KEY, pixdim=self.pixdim, mode="bilinear"),
                 self.intensity,
                 mt.CropForegroundd(
                     KEY,
