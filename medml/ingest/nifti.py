@@ -37,11 +37,8 @@ def _read(path: Path, max_voxels: int) -> nib.Nifti1Image:
         if img is not None:
             return img
     img = nib.load(str(path))  # the header; voxels stay on disk
-    hdr = img.header
-    shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
-    what = f"{' x '.join(map(str, shape))} {dtype.name}"
-    offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))  # header's is reset
-    needed = offset + budget.check_claim(what, shape, dtype.itemsize, max_voxels)
+    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))  # header's is reset
+    what, needed = _claim(img.header, offset, max_voxels)
     if not path.name.lower().endswith(".gz"):
         budget.check_held(what, needed, path.stat().st_size)
         return img
@@ -50,21 +47,27 @@ def _read(path: Path, max_voxels: int) -> nib.Nifti1Image:
     return type(img).from_bytes(blob)
 
 
+def _claim(hdr: nib.Nifti1Header, offset: int, max_voxels: int) -> tuple[str, int]:
+    """What the header claims, in words, and the bytes the file must hold for it (refused by
+    :func:`budget.check_claim` over ``max_voxels``)."""
+    shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
+    what = f"{' x '.join(map(str, shape))} {dtype.name}"
+    return what, offset + budget.check_claim(what, shape, dtype.itemsize, max_voxels)
+
+
 def _read_gz_nifti1(inflater: budget.Inflater, max_voxels: int) -> nib.Nifti1Image | None:
     """A gzipped single-file NIfTI-1 (nearly every ``.nii.gz``), its header parsed from the
     first inflated bytes; ``None`` for any other kind, which nibabel's loader then sniffs
-    (it would open the file again through Python's gzip module: 0.3 ms of a 3 ms read)."""
+    (it would open the file again through Python's gzip module: 0.3 ms of a 1.9 ms read)."""
     inflater.fill(NIFTI1_HEADER_BYTES)
     head = inflater.data()[:NIFTI1_HEADER_BYTES]
     if len(head) < NIFTI1_HEADER_BYTES or head[344:348] != b"n+1\x00" or head[:4] != SIZEOF_HDR:
         return None
     hdr = nib.Nifti1Header(head)
-    shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
-    what = f"{' x '.join(map(str, shape))} {dtype.name}"
     offset = int(hdr.get_data_offset())
     if offset < NIFTI1_VOX_OFFSET:  # malformed: as nibabel's loader reads it
         return None
-    needed = offset + budget.check_claim(what, shape, dtype.itemsize, max_voxels)
+    what, needed = _claim(hdr, offset, max_voxels)
     return nib.Nifti1Image.from_bytes(inflater.read_exactly(what, needed))
 
 
