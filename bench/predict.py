@@ -46,18 +46,16 @@ def _inputs(ws_root: Path, volumes: list[Path], n: int) -> Path:
     return folder
 
 
-def _median_rate(n: int, run, reps: int = 3, cpu: list | None = None) -> float:
-    """Median scans/s over ``reps`` runs; with ``cpu``, appends this process's median CPU ms
-    per scan (robust on a shared machine, where wall rates fall with the load)."""
+def _median_rate(n: int, run, reps: int = 3) -> tuple[float, float]:
+    """Median scans/s over ``reps`` runs, and this process's median CPU ms per scan (robust on
+    a shared machine, where wall rates fall with the load)."""
     rates, cpu_ms = [], []
     for _ in range(reps):
         start, start_cpu = time.perf_counter(), time.process_time()
         run()
         rates.append(n / (time.perf_counter() - start))
         cpu_ms.append((time.process_time() - start_cpu) * 1000 / n)
-    if cpu is not None:
-        cpu.append(sorted(cpu_ms)[len(cpu_ms) // 2])
-    return sorted(rates)[len(rates) // 2]
+    return sorted(rates)[len(rates) // 2], sorted(cpu_ms)[len(cpu_ms) // 2]
 
 
 def child(uri: str, folder: Path, out: Path, batch_size: int, tracking: str, workers: int) -> None:
@@ -116,11 +114,12 @@ def child(uri: str, folder: Path, out: Path, batch_size: int, tracking: str, wor
                 for paths_b, (v, ids, errs) in zip(batches, prefetch.map(batches)):
                     model.rows(paths_b, model.embed_volumes(v), ids, errs)
 
-            cpu: list[float] = []
-            result["model_only_scans_per_s"] = _median_rate(len(paths), model_only, cpu=cpu)
-            result["prepare_one_core_scans_per_s"] = _median_rate(len(paths), prepare_only, cpu=cpu)
-            result["model_cpu_ms"], result["prepare_cpu_ms"] = cpu
-            result["e2e_loaded_scans_per_s"] = _median_rate(len(paths), end_to_end)
+            n = len(paths)
+            result["model_only_scans_per_s"], result["model_cpu_ms"] = _median_rate(n, model_only)
+            result["prepare_one_core_scans_per_s"], result["prepare_cpu_ms"] = _median_rate(
+                n, prepare_only
+            )
+            result["e2e_loaded_scans_per_s"], _ = _median_rate(n, end_to_end)
     print(json.dumps(result))
 
 

@@ -957,7 +957,11 @@ def _iter_planes(series: Series, blobs: dict[Path, bytes]) -> Iterator[np.ndarra
         yield plane
 
 
-def _output_type(series: Series, rescales: list[tuple[float, float]], planes=None):
+def _output_type(
+    series: Series,
+    rescales: list[tuple[float, float]],
+    planes: list[np.ndarray] | None = None,
+) -> tuple[type, type] | None:
     """(output dtype, working dtype) of the rescaled values: int16 when every slope and
     intercept is whole and the values fit, int32 when whole but wider, float32 otherwise.
     ``None`` where the bit depth allows more than int16 and the values must be looked at
