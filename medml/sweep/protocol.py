@@ -233,13 +233,12 @@ def _trial_jobs(
             tuple(t.user_attrs["curves"][fold.index]) for t in complete if "curves" in t.user_attrs
         )
         jobs.append(
-            FitJob(
+            _job(
+                plan,
+                loss,
+                settings,
                 key=f"{loss}/trial-{trial.number}/fold-{fold.index}",
-                loss=loss,
-                settings=settings.model_dump(mode="json"),
-                workspace=str(plan.ws.root),
                 run_name=SEP.join([loss, f"fold {fold.index + 1}", f"trial {trial.number + 1}"]),
-                parent_run_id=plan.loss_runs[loss],
                 train_ids=fold.train_ids,
                 val_ids=fold.val_ids,
                 tags={
@@ -251,6 +250,17 @@ def _trial_jobs(
             )
         )
     return jobs
+
+
+def _job(plan: _Plan, loss: str, settings: Settings, **fields: Any) -> FitJob:
+    """A fit of ``loss`` in this sweep's workspace, under the loss's MLflow run."""
+    return FitJob(
+        loss=loss,
+        settings=settings.model_dump(mode="json"),
+        workspace=str(plan.ws.root),
+        parent_run_id=plan.loss_runs[loss],
+        **fields,
+    )
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, records: list[dict[str, Any]]) -> None:
@@ -328,13 +338,12 @@ def _final_jobs(plan: _Plan, loss: str, best: optuna.trial.FrozenTrial) -> list[
         where = f"seed {s + 1}" + (f"{SEP}fold {fold.index + 1}" if fold else "")
         unit = f"seed-{seed}" + (f"-fold-{fold.index}" if fold else "")
         jobs.append(
-            FitJob(
+            _job(
+                plan,
+                loss,
+                one,
                 key=f"{loss}/best-{best.number}-{sc.final}-{epochs}/{unit}",
-                loss=loss,
-                settings=one.model_dump(mode="json"),
-                workspace=str(plan.ws.root),
                 run_name=SEP.join([loss, "best", where]),
-                parent_run_id=plan.loss_runs[loss],
                 train_ids=fold.train_ids if fold else plan.pool_ids,
                 val_ids=fold.val_ids if fold else (),
                 tags={
