@@ -158,3 +158,37 @@ def test_labels_match_by_series_uid_or_path(tmp_path, tiny_raw, column):
     ws = Workspace(tmp_path / "ws")
     ingest(tiny_raw, ws, labels, progress=False)
     assert len(Catalog(ws.catalog_url).list_scans()) == len(dicom_rows)
+
+
+@pytest.mark.parametrize(
+    "dtype, slope, inter, shape",
+    [
+        ("<i2", None, None, (7, 6, 5)),
+        (">i2", None, None, (7, 6, 5)),  # big-endian voxels
+        ("<u2", 1.0, 0.0, (7, 6, 5, 1)),  # identity scaling, a 4D file of one volume
+        ("<i2", 2.5, -100.0, (7, 6, 5)),  # scaled: nibabel applies the scaling
+        ("<f4", None, None, (7, 6, 5)),
+    ],
+)
+def test_gzip_nifti_reads_as_nibabel_reads_it(tmp_path, dtype, slope, inter, shape):
+    """The gzip NIfTI-1 reader views the inflated voxels in place; values, scaling, affine and
+    writability must equal nibabel's own loader."""
+    from medml.ingest.nifti import load_nifti
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(-500, 500, size=shape).astype(np.dtype(dtype).newbyteorder("="))
+    affine = np.array([[-2.0, 0, 0, 10], [0, 0, 1.5, -4], [0, 3.0, 0, 7], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(values, affine)
+    img.header.set_data_dtype(np.dtype(dtype))
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    path = tmp_path / "v.nii.gz"
+    nib.save(img, str(path))
+
+    data, got_affine = load_nifti(path)
+    ref = nib.load(str(path))
+    expected = np.asanyarray(ref.dataobj).reshape(shape[:3])
+    assert data.dtype == expected.dtype
+    np.testing.assert_array_equal(data, expected)
+    np.testing.assert_allclose(got_affine, ref.affine)
+    assert data.flags.writeable

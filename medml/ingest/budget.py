@@ -124,13 +124,14 @@ class Inflater:
                 self.size += len(out)
         return self.size
 
-    def data(self) -> bytes:
-        """Everything inflated so far, as one bytes object."""
-        if len(self.parts) != 1:
-            self.parts = [b"".join(self.parts)]
+    def data(self, writable: bool = False) -> bytes | bytearray:
+        """Everything inflated so far, as one bytes object (``writable``: a bytearray, so
+        arrays viewing it can be written, as the arrays nibabel reads can)."""
+        if len(self.parts) != 1 or (writable and not isinstance(self.parts[0], bytearray)):
+            self.parts = [(bytearray() if writable else b"").join(self.parts)]
         return self.parts[0]
 
-    def read_exactly(self, what: str, needed: int) -> bytes:
+    def read_exactly(self, what: str, needed: int, writable: bool = False) -> bytes | bytearray:
         """The whole stream, which must inflate to ``needed`` bytes: no more (a bomb, or data
         the header does not describe), no less (truncated)."""
         self.fill(needed + 1)
@@ -144,4 +145,4 @@ class Inflater:
                 f"truncated: header claims {what} ({size_text(needed)}), the compressed "
                 f"stream inflates to {size_text(self.size)}"
             )
-        return self.data()
+        return self.data(writable)
