@@ -133,13 +133,15 @@ def signed_axes(linear: np.ndarray) -> tuple[list[int], list[bool]] | None:
 def foreground_box(x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor]):
     """MONAI's ``generate_spatial_bounding_box`` (margin 0, ``allow_smaller``): per spatial
     axis, from the first to one past the last index where any channel is selected; ``None``
-    where nothing is."""
-    mask = select(x).any(0)
+    where nothing is. Two passes over the mask (an in-plane projection serves both in-plane
+    axes) instead of one per axis: half the cost on a demo scan."""
+    mask = select(x)
+    mask = (mask.any(0) if mask.shape[0] > 1 else mask[0]).numpy()
+    plane = mask.any(axis=2)
     box = []
-    for axis in range(mask.ndim):
-        hit = mask.any(dim=[a for a in range(mask.ndim) if a != axis])
-        idx = torch.nonzero(hit)
-        if idx.numel() == 0:
+    for hit in (plane.any(axis=1), plane.any(axis=0), mask.any(axis=(0, 1))):
+        idx = np.flatnonzero(hit)
+        if idx.size == 0:
             return None
         box.append(slice(int(idx[0]), int(idx[-1]) + 1))
     return box
