@@ -33,7 +33,7 @@ from medml.predict.batch import inputs_frame, predict_frame, write_rows
 from medml.predict.explain import _title, gradient_saliency, occlusion_saliency
 from medml.predict.loader import TamperedModelError, open_model, write_manifest
 from medml.predict.output import csv_safe
-from medml.predict.progress import Progress
+from medml.progress import Progress
 from medml.registry.register import register_prototypes
 from medml.tracking import configure, use_experiment
 
@@ -268,7 +268,7 @@ def test_progress_is_log_lines_off_a_terminal(caplog):
             bar.update(1)
     assert stream.getvalue() == ""  # no bar, no carriage returns
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 4 and lines[-1].startswith("predict: 100/100 (100 %)")
+    assert len(lines) == 4 and lines[-1].startswith("predict: 100/100 scan (100 %)")
 
 
 # ------------------------------------------------------ issue 15: hostile inputs and stores

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from medml.importers import ImportedScan, store
 from medml.lock import writes_workspace
+from medml.progress import track
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ def _scans(
     short = name.replace("mnist3d", "")
     for split in SPLITS:
         images, labels = arrays[split]
-        for i in tqdm(
-            range(counts[split]), desc=f"{name} {split}", unit="vol", disable=not progress
-        ):
+        for i in track(range(counts[split]), f"{name} {split}", enabled=progress, unit="vol"):
             yield ImportedScan(
                 scan_id=f"{short}{size}-{split}-{i:05d}",
                 data=images[i],

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from medml.catalog import Catalog
 from medml.config import IngestConfig
 from medml.ingest import dicom
@@ -37,6 +35,7 @@ from medml.ingest.report import FileRecord, IngestReport, printable
 from medml.ingest.walk import walk_tree
 from medml.lock import workspace_lock
 from medml.processes import cap_workers
+from medml.progress import Progress
 from medml.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ class Ingestor:
         chunk = 64
         chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
         results = pool.map(index_chunk, chunks) if pool else map(index_chunk, chunks)
-        with tqdm(total=len(files), desc="index", unit="file", disable=not progress) as bar:
+        with Progress(len(files), "index", enabled=progress, unit="file") as bar:
             for part in results:
                 for item in part:
                     if isinstance(item, IndexedNifti):
@@ -173,7 +172,7 @@ class Ingestor:
         progress: bool,
     ) -> None:
         counts = {"ingested": 0, "skipped": 0, "quarantined": 0}
-        bar = tqdm(total=len(tasks), desc="convert", unit="scan", disable=not progress)
+        bar = Progress(len(tasks), "convert", enabled=progress)
 
         def collect(result: TaskResult, task: Task) -> None:
             self.records.extend(result.records)
@@ -181,8 +180,8 @@ class Ingestor:
                 counts[r.status] += 1
             if result.row is not None:
                 self.store(result.row, task, known)
+            bar.set_postfix(**counts)
             bar.update(1)
-            bar.set_postfix(counts, refresh=False)
 
         for t in tasks:  # NIfTI scan ids come from the file hash, so look them up by it
             if t.kind == "nifti":

@@ -37,8 +37,8 @@ from medml.predict.inputs import Input, discover_inputs
 from medml.predict.loader import open_model
 from medml.predict.output import TableWriter
 from medml.predict.prefetch import Prefetcher, auto_workers
-from medml.predict.progress import Progress
 from medml.predict.pyfunc import MedmlModel, output_columns, prob_column
+from medml.progress import Progress
 
 __all__ = ["Input", "PredictionSummary", "discover_inputs", "inputs_frame", "predict_frame"]
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from medml.config import SynthConfig
 from medml.io import atomic_path, atomic_write_text
+from medml.progress import track
 from medml.synth import cirrhosis_mri, covid_ct
 from medml.synth.identity import Identity
 from medml.synth.messy import EXPECTED, DicomStudy, write_messy
@@ -112,7 +112,7 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> SynthResult:
     nifti_patients = set(
         np.random.default_rng([cfg.seed, 2**31]).permutation(cfg.n_patients)[:n_nifti].tolist()
     )
-    for pat in tqdm(range(cfg.n_patients), desc="synth", unit="patient", disable=not progress):
+    for pat in track(range(cfg.n_patients), "synth", enabled=progress, unit="patient"):
         rng = np.random.default_rng([cfg.seed, pat])
         identity = Identity.draw(rng)
         label = pat % len(classes)

@@ -21,7 +21,6 @@ import mlflow
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from medml.catalog import Catalog
 from medml.config import Settings, flatten
@@ -32,6 +31,7 @@ from medml.lock import writes_workspace
 from medml.models.encoder import Encoder, build_encoder, load_matching
 from medml.models.inference import device
 from medml.planning import resolve
+from medml.progress import track
 from medml.tracking import configure, log_params_flat, use_experiment
 from medml.train import checkpoint
 from medml.workspace import Workspace
@@ -95,8 +95,8 @@ def pretrain(settings: Settings, ws: Workspace, progress: bool = True) -> Pretra
         for epoch in range(1, pc.epochs + 1):
             encoder.train()
             losses = []
-            bar = tqdm(loader, desc=f"pretrain {epoch}", leave=False, disable=not progress)
-            for b in bar:
+            batches = track(loader, f"pretrain {epoch}", None, progress, "batch", leave=False)
+            for b in batches:
                 loss = nt_xent_step(encoder, loss_fn, b[KEY].to(dev), augment, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from medml import progress
 from medml.config import Settings
 from medml.data.augment import BatchAugment
 from medml.data.dataset import cached_dataset, items_from_scans
@@ -195,15 +195,16 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed)
         self.model.train()
         losses, n_vol, start = [], 0, time.perf_counter()
-        bar = tqdm(
-            self.loader, desc=f"epoch {epoch}", unit="batch", leave=False,
-            disable=not self.progress_bar,
-        )  # fmt: skip
-        for batch in bar:
-            losses.append(self.train_step(batch, gen))
-            n_vol += len(batch["label"])
-            vps = n_vol / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", vol_s=f"{vps:.1f}")
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        with progress.Progress(
+            total, f"epoch {epoch}", self.progress_bar, unit="batch", leave=False
+        ) as bar:
+            for batch in self.loader:
+                losses.append(self.train_step(batch, gen))
+                n_vol += len(batch["label"])
+                vps = n_vol / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", vol_s=f"{vps:.1f}")
+                bar.update(1)
         seconds = time.perf_counter() - start
         return {
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
