@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -846,9 +847,17 @@ def listen_cmd(
     _listen(port, quiet, studies, config, set_, workspace)
 
 
+def _num(value: Any) -> str:
+    """A metric for the summary: 3 decimals, or "n/a" where it is undefined (None or NaN: a
+    test split too small for retrieval, no predictions with labels)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.3f}"
+    return "n/a"
+
+
 def _print_summary(result: dict[str, Any], ws: Workspace) -> None:
     m = result["train"]["metrics"]
-    fs = m.get("fewshot", {})
+    fs = m.get("fewshot") or {}
     p = result["predict"]
     lines = [
         "",
@@ -858,17 +867,18 @@ def _print_summary(result: dict[str, Any], ws: Workspace) -> None:
         f"  catalog        {ws.catalog_url}",
         f"  cache          {ws.cache}",
         f"  train run      {m['run_id']}",
-        f"  test metrics   P@1 {m['precision_at_1']:.3f}  R-precision {m['r_precision']:.3f}  "
-        f"MAP@R {m['mean_average_precision_at_r']:.3f}",
-        f"                 nearest-centroid accuracy {m['accuracy']:.3f}"
-        f"  balanced {m['balanced_accuracy']:.3f}  AUROC {m['auroc']:.3f}"
-        + (f"  kappa {m['kappa_quadratic']:.3f}" if "kappa_quadratic" in m else ""),
+        f"  test metrics   P@1 {_num(m.get('precision_at_1'))}  "
+        f"R-precision {_num(m.get('r_precision'))}  "
+        f"MAP@R {_num(m.get('mean_average_precision_at_r'))}",
+        f"                 nearest-centroid accuracy {_num(m.get('accuracy'))}"
+        f"  balanced {_num(m.get('balanced_accuracy'))}  AUROC {_num(m.get('auroc'))}"
+        + (f"  kappa {_num(m['kappa_quadratic'])}" if "kappa_quadratic" in m else ""),
         f"                 {fs.get('ways')}-way {fs.get('shots')}-shot accuracy "
-        f"{fs.get('accuracy', float('nan')):.3f} ± {fs.get('ci95', float('nan')):.3f} "
+        f"{_num(fs.get('accuracy'))} ± {_num(fs.get('ci95'))} "
         f"over {fs.get('episodes')} episodes",
         f"  model          {result['champion_uri']} (version {result['champion']['version']})",
         f"  predictions    {p['predictions']}  ({p['n']} scans, {p['errors']} errors, "
-        f"accuracy vs labels {p['accuracy_vs_labels']:.3f})",
+        f"accuracy vs labels {_num(p.get('accuracy_vs_labels'))})",
         "",
         f"  MLflow UI:  mlflow ui --backend-store-uri {ws.mlflow_uri}",
         "  Prefect UI: prefect server start   (then open http://127.0.0.1:4200)",

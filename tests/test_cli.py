@@ -35,7 +35,7 @@ def test_unusable_arguments_exit_2(tmp_path):
 def test_synth_then_ingest_from_the_console_script(tmp_path):
     env_cmd = [sys.executable, "-m", "medml.cli"]
     out = tmp_path / "raw"
-    subprocess.run(
+    synth = subprocess.run(
         [
             *env_cmd,
             "synth",
@@ -50,6 +50,8 @@ def test_synth_then_ingest_from_the_console_script(tmp_path):
             "synth.z_extent_mm=96",
         ],
         check=True,
+        capture_output=True,
+        text=True,
     )
     done = subprocess.run(
         [
@@ -68,6 +70,12 @@ def test_synth_then_ingest_from_the_console_script(tmp_path):
     n_studies = len((out / "labels.csv").read_text().strip().splitlines()) - 1
     assert f"ingested into {n_studies} scans" in done.stdout
     assert list((tmp_path / "ws" / "reports").glob("ingest-*.json"))
+    # off a terminal, progress is log lines: no bar redrawn with carriage returns (text mode
+    # reads those as newlines, so look for the bar itself)
+    for output in (synth.stderr, done.stderr, done.stdout):
+        assert "%|" not in output and "it/s]" not in output
+    assert "synth: 2/2 patient (100 %)" in synth.stderr
+    assert "convert: " in done.stderr
 
 
 def test_synth_options_left_out_do_not_override_config(tmp_path):
@@ -82,3 +90,26 @@ def test_synth_options_left_out_do_not_override_config(tmp_path):
     result = runner.invoke(app, [*args, "--n-patients", "1"])  # an explicit option still wins
     assert result.exit_code == 0, result.output
     assert "of 1 patients" in result.output
+
+
+def test_pipeline_summary_prints_undefined_metrics_as_na(tmp_path, capsys):
+    """A test split too small for retrieval gives NaN metrics (null after the flow's JSON);
+    the summary says n/a instead of crashing after every step has run."""
+    from medml.cli import _print_summary
+    from medml.workspace import Workspace
+
+    metrics = {"run_id": "r1", "precision_at_1": None, "r_precision": float("nan"),
+               "mean_average_precision_at_r": 0.5, "accuracy": 0.25, "balanced_accuracy": None,
+               "auroc": None, "fewshot": None}  # fmt: skip
+    result = {
+        "train": {"metrics": metrics},
+        "ingest": {"report": "r.json", "scans": 3},
+        "champion_uri": "models:/m@champion",
+        "champion": {"version": "1"},
+        "predict": {"predictions": "p.csv", "n": 3, "errors": 0, "accuracy_vs_labels": None},
+    }
+    _print_summary(result, Workspace(tmp_path / "ws"))
+    out = capsys.readouterr().out
+    assert "P@1 n/a  R-precision n/a  MAP@R 0.500" in out
+    assert "nearest-centroid accuracy 0.250  balanced n/a  AUROC n/a" in out
+    assert "accuracy vs labels n/a" in out
