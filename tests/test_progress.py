@@ -17,21 +17,25 @@ def _lines(caplog) -> list[str]:
 
 def test_a_terminal_gets_a_bar_and_no_log_lines(caplog):
     stream = _Terminal()
-    with caplog.at_level(logging.INFO, logger="medml.progress"):
-        with Progress(10, "convert", stream=stream) as bar:
-            for _ in range(10):
-                bar.update(1)
+    with (
+        caplog.at_level(logging.INFO, logger="medml.progress"),
+        Progress(10, "convert", stream=stream) as bar,
+    ):
+        for _ in range(10):
+            bar.update(1)
     assert "convert" in stream.getvalue() and "\r" in stream.getvalue()
     assert _lines(caplog) == []
 
 
 def test_a_log_gets_lines_with_the_postfix(caplog):
     stream = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="medml.progress"):
-        with Progress(4, "convert", stream=stream, every_percent=50) as bar:
-            for i in range(4):
-                bar.set_postfix(ingested=i + 1, quarantined=0)
-                bar.update(1)
+    with (
+        caplog.at_level(logging.INFO, logger="medml.progress"),
+        Progress(4, "convert", stream=stream, every_percent=50) as bar,
+    ):
+        for i in range(4):
+            bar.set_postfix(ingested=i + 1, quarantined=0)
+            bar.update(1)
     assert stream.getvalue() == ""
     lines = _lines(caplog)
     assert len(lines) == 2
