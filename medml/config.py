@@ -33,7 +33,7 @@ def _registered(module: str, attr: str):
 Modality = Annotated[str, _registered("medml.data.intensity", "INTENSITY")]
 Backbone = Annotated[str, _registered("medml.models.backbones", "BACKBONES")]
 LossName = Annotated[str, _registered("medml.losses.registry", "LOSSES")]
-RuleName = Annotated[str, _registered("medml.fewshot.rules", "RULES")]
+RuleName = Annotated[str, _registered("medml.fewshot.registry", "RULES")]
 
 
 class _Strict(BaseModel):
@@ -332,7 +332,7 @@ class PrototypeConfig(_Strict):
     neighbours: int = Field(3, ge=0, description="nearest support scans listed per prediction")
     rule: str = Field(
         "centroid",
-        description="decision rule (medml/fewshot/rules.py), or auto: the best of "
+        description="decision rule (medml/fewshot/registry.py), or auto: the best of "
         "rule_candidates on the validation split",
     )
     rule_candidates: list[RuleName] = Field(
@@ -350,7 +350,7 @@ class PrototypeConfig(_Strict):
     @model_validator(mode="after")
     def _known_rule(self) -> PrototypeConfig:
         if self.rule != "auto":
-            registry("medml.fewshot.rules", "RULES").check(self.rule)
+            registry("medml.fewshot.registry", "RULES").check(self.rule)
         return self
 
 

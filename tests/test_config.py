@@ -39,3 +39,16 @@ def test_fingerprint_changes_with_the_chain():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_the_settings_import_neither_numpy_nor_the_layers_they_check_names_of():
+    # every command loads the settings; checking a rule's name must not cost numpy (~45 ms)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from medml.config import Settings; Settings(); "
+        "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('medml.fewshot.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['medml.fewshot.registry']"]

@@ -71,6 +71,11 @@ def test_selection_uses_validation_and_the_rule_survives_saving(tmp_path):
 
 
 @pytest.mark.parametrize("name", RULES.names())
+def test_each_registered_name_builds_the_rule_of_that_name(name):
+    assert make_rule(name).name == name
+
+
+@pytest.mark.parametrize("name", RULES.names())
 def test_every_rule_fits_predicts_and_orders_classes_like_the_prototypes(name):
     rng = np.random.default_rng(1)
     centres = np.eye(4)[:3] * 3

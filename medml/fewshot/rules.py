@@ -13,6 +13,8 @@ prototypes ``.npz``, no pickle). The rule is chosen on validation (:func:`select
   best centroid;
 - ``knn``: similarity-weighted vote of the k nearest support embeddings;
 - ``linear``: a logistic-regression probe on the support embeddings (scikit-learn).
+
+Each rule is registered by name in :mod:`medml.fewshot.registry` (names only, no numpy).
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medml.extensions import Registry
-
-RULES: Registry[type[DecisionRule]] = Registry("decision rule")
+from medml.extensions import import_object
+from medml.fewshot.registry import RULES
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -151,15 +152,11 @@ class LinearProbe(DecisionRule):
         return softmax(normalise(emb) @ self.state["coef"].T + self.state["intercept"])
 
 
-for _rule in (Centroid, CentroidPrior, KMeansPrototypes, KNNVote, LinearProbe):
-    RULES.register(_rule.name, _rule)
-
-
 def make_rule(name: str, temperature: float = 0.1, **options: float) -> DecisionRule:
     """A fresh, unfitted rule by its registered name; ``options`` set its knobs (``k`` of
     knn, ``per_class`` of kmeans, ``C`` of linear); knobs another rule lacks are ignored, so
     one options mapping serves every candidate."""
-    rule = RULES[name](temperature=temperature)
+    rule: DecisionRule = import_object(RULES[name])(temperature=temperature)
     for key, value in options.items():
         if hasattr(type(rule), key) and key not in ("name", "temperature"):
             setattr(rule, key, type(getattr(type(rule), key))(value))

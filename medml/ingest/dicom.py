@@ -20,40 +20,43 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import pydicom
-from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-from pydicom.filewriter import write_file_meta_info
-from pydicom.multival import MultiValue
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 
 from medml.ingest import budget, mosaic, scan, volumes
 from medml.ingest.volumes import Unresolved
 
+if TYPE_CHECKING:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+# pydicom (~0.12 s of import, requests included) is imported where a file needs it: plain
+# native files are indexed by medml.ingest.scan and their pixels read from the file bytes.
 __all__ = ["InvalidDicomError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "InvalidDicomError":  # pydicom's, for callers' except clauses
+        from pydicom.errors import InvalidDicomError
+
+        return InvalidDicomError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 PIXEL_DATA = 0x7FE00010
 # Values larger than this are not read with the header (pixel data is seeked over).
 DEFER_BYTES = 4096
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
-NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+NATIVE_LE = {scan.EXPLICIT_LE, scan.IMPLICIT_LE}
 
 NON_IMAGE_MODALITIES = {
     "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE", "SEG", "PR", "KO", "ECG",
@@ -148,7 +151,9 @@ class Header(dict):
 
 def _plain(value: Any) -> Any:
     """pydicom values (MultiValue, DSfloat, IS, UID, PersonName) as builtins."""
-    if isinstance(value, (list, tuple, MultiValue)):
+    multival = sys.modules.get("pydicom.multival")  # no MultiValue before pydicom is imported
+    many = (list, tuple) if multival is None else (list, tuple, multival.MultiValue)
+    if isinstance(value, many):
         return [_plain(v) for v in value]
     for kind in (int, float):
         if isinstance(value, kind):
@@ -163,7 +168,7 @@ def _private_value(value: Any) -> Any:
     return _plain(value)
 
 
-FIELD_BY_TAG = {int(tag_for_keyword(name)): name for name in HEADER_FIELDS}
+FIELD_BY_TAG = {scan.TAG_BY_KEYWORD[name]: name for name in HEADER_FIELDS}
 
 
 def compact_header(ds: pydicom.Dataset) -> Header:
@@ -206,6 +211,12 @@ def compact_header(ds: pydicom.Dataset) -> Header:
 IN_STACK_POINTERS = {0x00209057, 0x00200032}  # InStackPositionNumber, ImagePositionPatient
 
 
+def _is_dataset(value: Any) -> bool:
+    """Whether ``value`` is a pydicom Dataset (none exists before pydicom is imported)."""
+    module = sys.modules.get("pydicom")
+    return module is not None and isinstance(value, module.Dataset)
+
+
 def _dimension_positions(ds: pydicom.Dataset) -> list[int]:
     """Indices into DimensionIndexValues that tell stacks, echoes and volumes apart."""
     dims = ds.get("DimensionIndexSequence") or []
@@ -233,7 +244,7 @@ class Slice:
     tile: int | None = None  # index of the tile in a mosaic
 
     def __post_init__(self) -> None:
-        if isinstance(self.header, pydicom.Dataset):
+        if _is_dataset(self.header):
             self.header = compact_header(self.header)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -375,6 +386,9 @@ def read_header(path: Path, max_voxels: int = budget.MAX_VOXELS) -> pydicom.Data
     offsets then refer to the inflated bytes. Raises InvalidDicomError for files that are not
     DICOM, :class:`budget.BudgetError` for claims over the budget, others for broken files.
     """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         with path.open("rb") as fh:
             if _is_deflated(fh):
@@ -406,13 +420,13 @@ def index_header(path: Path, max_voxels: int = budget.MAX_VOXELS) -> pydicom.Dat
 # ----------------------------------------------------------------------------- deflated files
 
 DEFLATE_PEEK = 4096  # the file meta (which names the transfer syntax) is in the first bytes
-DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
+DEFLATED_UID = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 HEADER_PREFIX = 1 << 20  # inflated bytes first searched for the image size
 HEADER_MAX = 64 << 20  # a header (before the image size) larger than this is refused
 TRAILING_BYTES = 8 << 20  # allowed after the pixel data (padding, signatures)
 INFLATED_SIZE = "_medml_inflated_size"  # Dataset attribute: size of the bytes parsed
 CLAIM_FIELDS = ("NumberOfFrames", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated")
-CLAIM_TAGS = [int(tag_for_keyword(name)) for name in CLAIM_FIELDS]
+CLAIM_TAGS = [scan.TAG_BY_KEYWORD[name] for name in CLAIM_FIELDS]
 BITS_ALLOCATED = 0x00280100
 
 
@@ -426,6 +440,8 @@ def _is_deflated(fh: BinaryIO) -> bool:
         return False
     if 144 + int.from_bytes(head[140:144], "little") <= len(head):
         return False
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
     fh.seek(0)
     read_preamble(fh, False)
     return str(_read_file_meta_info(fh).get("TransferSyntaxUID", "")) == DEFLATED_UID.decode()
@@ -435,6 +451,9 @@ def _prefix_claim(prefix: bytes) -> tuple[str, list[int], float] | None:
     """The image size an inflated dataset prefix claims (text, dims, bytes per item; dims of 0
     where the dataset has no Rows/Columns), or None where the prefix ends before BitsAllocated
     (or inside an element)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
     passed = []
 
     def stop(tag, vr, length) -> bool:
@@ -469,11 +488,16 @@ def inflated_equivalent(raw: bytes, max_voxels: int, expected: int | None = None
     refused. ``expected``: the size a first read found (the pixels are read later): the file
     must inflate to exactly that.
     """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+
     fh = io.BytesIO(raw)
     read_preamble(fh, False)
-    meta = pydicom.dataset.FileMetaDataset(_read_file_meta_info(fh))
+    meta = FileMetaDataset(_read_file_meta_info(fh))
     inflater = budget.Inflater(memoryview(raw)[fh.tell() :], budget.DEFLATE_WBITS)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = scan.EXPLICIT_LE
     if "FileMetaInformationGroupLength" in meta:
         del meta.FileMetaInformationGroupLength  # read without: group 2 ends where it ends
     out = DicomBytesIO()
@@ -513,6 +537,8 @@ def _inflate_dataset(inflater: budget.Inflater, max_voxels: int) -> bytes:
 
 
 def _read_deflated(raw: bytes, max_voxels: int) -> pydicom.Dataset:
+    import pydicom
+
     blob = inflated_equivalent(raw, max_voxels)
     ds = pydicom.dcmread(io.BytesIO(blob), defer_size=DEFER_BYTES)
     ds.__dict__[INFLATED_SIZE] = len(blob)
@@ -558,6 +584,8 @@ def _truncation(ds: pydicom.Dataset) -> str | None:
 
 
 def _multiframe_geometry_missing(ds: pydicom.Dataset) -> list[str]:
+    import pydicom
+
     shared = ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [pydicom.Dataset()]
     missing = []
@@ -598,14 +626,24 @@ def _claim_problem(ds: pydicom.Dataset, max_voxels: int) -> Problem | None:
     try:
         needed = budget.check_claim(what, [rows, cols, frames, samples], bits / 8, max_voxels)
         meta = getattr(ds, "file_meta", None)
-        syntax = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+        syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         length = getattr(_pixel_element(ds), "length", None)
-        if not (syntax and syntax.is_encapsulated) and length not in (None, 0xFFFFFFFF):
+        if not _encapsulated(syntax) and length not in (None, 0xFFFFFFFF):
             budget.check_held(what, needed, length)  # native pixel data
     except budget.BudgetError as exc:
         case = "too_large" if str(exc).startswith("too large") else "unreadable"
         return Problem(case, f"{'' if case == 'too_large' else 'unreadable DICOM: '}{exc}")
     return None
+
+
+def _encapsulated(syntax: str) -> bool:
+    """Whether pixel data in this transfer syntax is encapsulated (pydicom's answer; the
+    native ones, all :mod:`.scan` reads, without importing pydicom)."""
+    if not syntax or syntax in NATIVE_LE:
+        return False
+    from pydicom.uid import UID
+
+    return UID(syntax).is_encapsulated
 
 
 def series_budget_problem(series: Series, max_voxels: int) -> Problem | None:
@@ -676,6 +714,8 @@ def classify(ds: pydicom.Dataset, max_voxels: int = budget.MAX_VOXELS) -> Proble
 
 def _frame_geometry(ds: pydicom.Dataset, i: int) -> dict[str, Any]:
     """Geometry and rescale of frame ``i`` of an enhanced object (per-frame wins over shared)."""
+    import pydicom
+
     shared = (ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
     frames = ds.get("PerFrameFunctionalGroupsSequence") or []
     frame = frames[i] if i < len(frames) else pydicom.Dataset()
@@ -903,6 +943,8 @@ def stored_values(words: np.ndarray, header: Header) -> np.ndarray:
 
 
 def _decoded_frames(blob: bytes) -> np.ndarray:
+    import pydicom
+
     ds = pydicom.dcmread(io.BytesIO(blob))
     arr = ds.pixel_array
     return arr if arr.ndim == 3 and int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr[None]
