@@ -113,3 +113,22 @@ def test_pipeline_summary_prints_undefined_metrics_as_na(tmp_path, capsys):
     assert "P@1 n/a  R-precision n/a  MAP@R 0.500" in out
     assert "nearest-centroid accuracy 0.250  balanced n/a  AUROC n/a" in out
     assert "accuracy vs labels n/a" in out
+
+
+def test_an_empty_ingest_imports_no_dicom_or_nifti_library(tmp_path):
+    """Start-up: a command imports what its work needs. An empty folder needs neither pydicom
+    (which brings requests) nor nibabel; a DICOM file would load them on first use."""
+    (tmp_path / "empty").mkdir()
+    args = ["ingest", str(tmp_path / "empty"), "--workspace", str(tmp_path / "ws")]
+    code = (
+        "import sys\n"
+        "from medml.cli import app\n"
+        "try:\n"
+        f"    app({args!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = ('pydicom', 'nibabel', 'requests', 'torch', 'monai', 'scipy')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

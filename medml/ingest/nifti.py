@@ -5,13 +5,22 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 from isal import isal_zlib
 
 from medml.ingest import budget
 from medml.io import atomic_path
+
+if TYPE_CHECKING:
+    import nibabel as nib
+
+    Header = nib.Nifti1Header  # or a NIfTI-2 / Analyze header, from nibabel's loader
+
+# nibabel is imported where a volume is read or written, not with this module: it costs 30 ms
+# and, through nibabel.nifti1, pydicom's ~110 ms (with requests), which a command that never
+# reads a volume (an empty ingest, --help) should not pay.
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI1_VOX_OFFSET = 352  # 348-byte header + 4-byte extension flag (no extensions)
@@ -27,14 +36,13 @@ class NiftiError(ValueError):
     """An unusable NIfTI file; the message is the quarantine reason."""
 
 
-Header = nib.Nifti1Header  # or a NIfTI-2 / Analyze header, from nibabel's loader
-
-
 def _read(path: Path, max_voxels: int) -> tuple[Header, np.ndarray]:
     """The header and voxels, the claim checked first (:mod:`medml.ingest.budget`): nibabel
     reads only the header, the voxels it claims must fit the ceiling and be in the file
     (uncompressed) or inflate to exactly that size (gzip: inflated by ISA-L in chunks, 2-3x
     faster than nibabel's zlib reader, stopping one byte past the claim)."""
+    import nibabel as nib
+
     if path.name.lower().endswith(".gz"):
         with path.open("rb") as fh:
             found = _read_gz_nifti1(budget.Inflater(fh, budget.GZIP_WBITS), max_voxels)
@@ -67,6 +75,8 @@ def _read_gz_nifti1(
     first inflated bytes and its voxels viewed in place; ``None`` for any other kind, which
     nibabel's loader then sniffs (it would open the file again through Python's gzip module,
     build an image and copy the voxels twice: 0.5 ms of a 1.9 ms read of a demo scan)."""
+    import nibabel as nib
+
     inflater.fill(NIFTI1_HEADER_BYTES)
     head = inflater.data()[:NIFTI1_HEADER_BYTES]
     if len(head) < NIFTI1_HEADER_BYTES or head[344:348] != b"n+1\x00" or head[:4] != SIZEOF_HDR:
@@ -147,6 +157,8 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     Building a new header drops ``descrip``, ``aux_file``, ``intent_name`` and extensions, where
     exporters sometimes put patient names.
     """
+    import nibabel as nib
+
     data = _compact(np.asarray(data))
     affine = np.array(affine, dtype=np.float64)
     # what nib.as_closest_canonical does, without building the two images it goes through
@@ -173,6 +185,8 @@ def voxel_hash(data: np.ndarray, affine: np.ndarray) -> str:
     """Hash of the voxels as :func:`to_canonical` would store them (closest RAS orientation,
     compact type, Fortran order), geometry left out: a DICOM series and the NIfTI written for
     it hash alike. Slice by slice, so the volume is never reoriented as a whole."""
+    import nibabel as nib
+
     data = _compact(np.asarray(data))
     view = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
     h = hashlib.sha256(str((data.dtype.str, view.shape)).encode())
