@@ -359,3 +359,21 @@ def test_fifos_are_named_never_opened_and_unlistable_folders_are_reported(tmp_pa
     assert [f["path"] for f in report["files"]] == ["notes.txt"]
     if os.geteuid() != 0:  # root lists any folder: only a user can be refused
         assert report["unreadable_folders"] == ["locked"]
+
+
+def test_uih_mosaic_is_refused_as_a_mosaic_not_as_single_slices(tmp_path):
+    """UIH stores an EPI volume as tiles of one plane (ImageType VFRAME), the tile positions in
+    a private sequence: each file looks like one slice at one position. The reason must say
+    what the file is, not "single-slice series", and nothing is converted."""
+    src = tmp_path / "src"
+    uih = {"image_type": ("ORIGINAL", "PRIMARY", "M", "VFRAME"), "modality": "MR",
+           "extra": {"Manufacturer": "UIH"}}  # fmt: skip
+    _series(src / "bold", n=4, rows=32, cols=32, seed=3, slice_step=0.0, **uih)  # time series
+    _series(src / "b0", n=1, rows=32, cols=32, seed=4, **uih)  # one volume
+    ws = Workspace(tmp_path / "ws")
+    result = ingest(src, ws, None, IngestConfig(), progress=False)
+    files = _files(ws)
+    assert len(files) == 5 and result.counts["scans"] == 0
+    for f in files.values():
+        assert f["status"] == "quarantined"
+        assert f["reason"].startswith("unsupported DICOM: UIH mosaic (ImageType VFRAME")

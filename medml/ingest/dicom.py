@@ -700,6 +700,11 @@ def classify(ds: pydicom.Dataset, max_voxels: int = budget.MAX_VOXELS) -> Proble
         info = mosaic.mosaic_info(ds)
         if "error" in info:
             return Problem("unsupported", f"unsupported DICOM: {info['error']}")
+    if "VFRAME" in image_type:  # UIH's mosaic: tiles in a non-square grid, positions private
+        return Problem(
+            "unsupported", "unsupported DICOM: UIH mosaic (ImageType VFRAME: the slices are "
+            "tiles of one plane, their positions in a private sequence); not converted",
+        )  # fmt: skip
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
         return Problem("localizer", f"localizer (ImageType {'/'.join(image_type)})")
     if image_type and (image_type[0] == "DERIVED" or "SECONDARY" in image_type[1:2]):
