@@ -12,6 +12,8 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from medml.ingest.report import without_paths
+
 MAX_ROWS = 50  # of quarantined files or errors listed in markdown; the files hold them all
 
 
@@ -41,7 +43,7 @@ def ingest_report(result: dict[str, Any]) -> None:
         position = {f["path"]: i for i, f in enumerate(files)}
         lines += ["", f"## Quarantined ({len(quarantined)})", "", "| file | reason |", "|---|---|"]
         lines += [
-            f"| #{i} | {_without_paths(f.get('reason', ''), position)} |"
+            f"| #{i} | {without_paths(f.get('reason', ''), position).replace('|', '/')} |"
             for i, f in quarantined[:MAX_ROWS]
         ]
         if len(quarantined) > MAX_ROWS:
@@ -49,15 +51,6 @@ def ingest_report(result: dict[str, Any]) -> None:
     create_markdown_artifact(
         "\n".join(lines), key="ingest-report", description="files ingested/skipped/quarantined"
     )
-
-
-def _without_paths(reason: str, position: dict[str, int]) -> str:
-    """``reason`` with every report path in it replaced by its ``#position`` (longest first,
-    so a folder never leaves part of a file's path behind)."""
-    for path in sorted(position, key=len, reverse=True):
-        if path in reason:
-            reason = reason.replace(path, f"#{position[path]}")
-    return reason.replace("|", "/")  # a table cell
 
 
 def _flat(metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:

@@ -168,7 +168,7 @@ def test_file_names_that_are_not_utf8_are_ingested_and_reported(tmp_path, monkey
         folder.mkdir(parents=True)
         volume = rng.integers(0, 1000, (8, 8, 8)).astype(np.int16) + i
         nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "scan.nii.gz")
-        (folder / "empty.dcm").write_bytes(b"")  # quarantined: its path goes to the catalog
+        (folder / "empty.dcm").write_bytes(b"")  # quarantined: in the report and catalog
         (folder / "notes.txt").write_text("a note")
     ws = Workspace(tmp_path / "ws")
     result = ingest(src, ws, progress=False)
@@ -180,6 +180,34 @@ def test_file_names_that_are_not_utf8_are_ingested_and_reported(tmp_path, monkey
     assert paths == sorted(f"{shown}/{f}" for shown in names.values() for f in
                            ("empty.dcm", "notes.txt", "scan.nii.gz"))  # fmt: skip
     quarantined = Catalog(ws.catalog_url).quarantined()
-    expected = sorted(f"{shown}/empty.dcm" for shown in names.values())
-    assert sorted(q["path"] for q in quarantined) == expected
+    listed = [f["path"] for f in report["files"]]  # report order
+    expected = sorted(f"#{listed.index(f'{shown}/empty.dcm')}" for shown in names.values())
+    assert sorted(q["path"] for q in quarantined) == expected  # positions in the report
     assert ingest(src, ws, progress=False).counts == result.counts  # and again: idempotent
+
+
+def test_source_folders_named_after_patients_stay_out_of_the_catalog(tmp_path, monkeypatch):
+    """Exports are often foldered by patient name. The report (in the workspace) is the one
+    place for source paths; the catalog (shared when it is PostgreSQL) names quarantined files
+    by their position in the report, also inside reasons, and keeps only a keyed hash of the
+    source folder."""
+    monkeypatch.setenv("MEDML_DEID_SECRET", "test")
+    src = tmp_path / "DOE^JANE_export"
+    paths = write_series(SeriesSpec(phantom(3, 16, 16)), src / "DOE^JANE" / "ct")
+    copy = src / "DOE^JANE" / "ct-again" / "IM0001.dcm"  # a stray copy: "duplicate of <path>"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(paths[0].read_bytes())
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelData = ds.PixelData[:-2]  # this file is quarantined
+    ds.save_as(src / "DOE^JANE" / "broken.dcm")
+    ws = Workspace(tmp_path / "ws")
+    result = ingest(src, ws, progress=False)
+    report = json.loads(result.report_path.read_text())
+    assert any(f["status"] == "quarantined" for f in report["files"])
+    assert "DOE^JANE" in json.dumps(report)  # the report keeps the paths
+    catalog = Catalog(ws.catalog_url)
+    stored = json.dumps([catalog.quarantined(), catalog.runs()], default=str)
+    assert "DOE" not in stored and "JANE" not in stored
+    assert catalog.quarantined() and all(q["path"].startswith("#") for q in catalog.quarantined())
+    blob = (ws.root / "catalog.db").read_bytes()
+    assert b"DOE" not in blob and b"JANE" not in blob

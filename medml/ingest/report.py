@@ -25,6 +25,28 @@ def printable(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def quarantine_entries(files: list[FileRecord]) -> list[dict[str, str]]:
+    """The quarantined files without a source path: each named by its position in the report
+    (``#12`` is ``files[12]``), and any report path quoted in its reason (``duplicate of ...``)
+    replaced the same way. For the places outside the report that list quarantined files (the
+    catalog, Prefect artifacts): folder names of exports name patients as often as not."""
+    position = {f.path: i for i, f in enumerate(files)}
+    return [
+        {"path": f"#{i}", "reason": without_paths(f.reason or "", position)}
+        for i, f in enumerate(files)
+        if f.status == "quarantined"
+    ]
+
+
+def without_paths(reason: str, position: dict[str, int]) -> str:
+    """``reason`` with every report path in it replaced by its ``#position`` (longest first,
+    so a folder never leaves part of a file's path behind)."""
+    for path in sorted(position, key=len, reverse=True):
+        if path in reason:
+            reason = reason.replace(path, f"#{position[path]}")
+    return reason
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

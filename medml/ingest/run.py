@@ -31,7 +31,7 @@ from medml.ingest.conversion import (
 from medml.ingest.deid import KeyMaker, load_secret
 from medml.ingest.faults import raise_if_environment
 from medml.ingest.labels import LabelIndex
-from medml.ingest.report import FileRecord, IngestReport, printable
+from medml.ingest.report import FileRecord, IngestReport, printable, quarantine_entries
 from medml.ingest.walk import walk_tree
 from medml.lock import workspace_lock
 from medml.processes import cap_workers
@@ -242,23 +242,18 @@ class Ingestor:
         self.flush()
         self.report.files = merge_records(self.records)
         report_path = self.report.write(self.ws.reports)
-        quarantined = [
-            {"path": r.path, "reason": r.reason}
-            for r in self.report.files
-            if r.status == "quarantined"
-        ]
         counts = self.report.counts()
-        self.catalog.record_run(
+        self.catalog.record_run(  # no source path: the report is the one place for them
             {
                 "run_id": self.run_id,
-                "source": printable(str(self.src)),
+                "source": self.keys.key("source", printable(str(self.src.resolve()))),
                 "started": self.report.started,
                 "finished": self.report.finished,
                 "report": str(report_path),
                 "n_files": counts["files"],
                 "n_scans": counts["scans"],
             },
-            quarantined,
+            quarantine_entries(self.report.files),
         )
         self.catalog.dispose()
         scan_ids = sorted({r.scan_id for r in self.report.files if r.scan_id})
