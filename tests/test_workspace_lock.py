@@ -203,3 +203,16 @@ def test_reports_started_in_the_same_second_keep_their_own_names(tmp_path):
     sources = {json.loads(p.read_text())["source"] for p in paths}
     assert sources == {f"/src/{i}" for i in range(n)}  # nobody overwrote anybody
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_preprocessing_the_catalog_is_a_write_and_takes_the_lock(tmp_path, tiny_settings):
+    """It assigns splits to new scans: a concurrent writer must not see half an assignment."""
+    from medml.data.dataset import preprocess_catalog
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    other = _hold(ws.root)
+    try:
+        with pytest.raises(WorkspaceBusy, match=rf"ingest PID {other.pid}"):
+            preprocess_catalog(ws, tiny_settings.split, tiny_settings.preprocess)
+    finally:
+        _release(other)

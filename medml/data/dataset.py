@@ -22,6 +22,7 @@ from medml.catalog import Catalog
 from medml.config import PreprocessConfig, SplitConfig
 from medml.data.splits import ensure_splits
 from medml.data.transforms import KEY, deterministic_chain
+from medml.lock import writes_workspace
 from medml.workspace import Workspace
 
 
@@ -107,6 +108,7 @@ def cached_dataset(
     return CachedVolumes(ws, cfg, items, memory_mb)
 
 
+@writes_workspace("preprocess")  # it assigns splits in the catalog: one writer at a time
 def preprocess_catalog(ws: Workspace, split: SplitConfig, cfg: PreprocessConfig) -> dict[str, Any]:
     """Assign missing patient-level splits, then run every labelled scan through the chain into
     the persistent cache, so training epochs read no raw file. Returns counts per split."""
