@@ -412,7 +412,9 @@ def main() -> None:
     p.add_argument("--loss", default="triplet")
     p.add_argument("--margin", type=float)
     p.add_argument("--scale", type=float)
-    p.add_argument("--miner", default="semihard")
+    p.add_argument(
+        "--miner", help="a registry miner, or none [the loss's default: semihard for triplet]"
+    )
     p.add_argument("--loss-options", default="{}", help='JSON, e.g. {"label_smoothing": 0.1}')
     p.add_argument("--metric-weight", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=40)
