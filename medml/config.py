@@ -430,6 +430,12 @@ class PacsConfig(_Strict):
     since: str = Field(
         "19000101", pattern=r"^\d{8}$", description="first run: studies from this date (YYYYMMDD)"
     )
+    lookback_days: int = Field(
+        0,
+        ge=0,
+        description="search from this many days before the watermark: priors that reach the "
+        "PACS late (the ledger skips series already done)",
+    )
     max_series: int | None = Field(None, ge=1, description="series pulled per run at most")
     write_back: bool = Field(True, description="send one DICOM SR per predicted series")
     send_with: Literal["stow", "c-store"] | None = Field(

@@ -4,6 +4,7 @@ PACS that is down. One Orthanc for the whole module; each test starts from an em
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from pathlib import Path
@@ -495,3 +496,27 @@ def test_cli_pacs_pull_ingest_only(pacs, studies, tmp_path):
     assert json.loads(Path(out["report"]).read_text())["counts"]["ingested"] == len(studies[0])
     bad = CliRunner().invoke(app, [*args, "--since", "2024-01-01"])
     assert bad.exit_code == 2 and "YYYYMMDD" in bad.output
+
+
+def test_lookback_finds_a_prior_that_reached_the_pacs_after_the_watermark(pacs, studies, tmp_path):
+    """A prior imported from elsewhere carries an old study date: searching from the watermark
+    misses it, ``pacs.lookback_days`` finds it (and the ledger would skip what is done)."""
+    from medml.pacs import pull as steps
+    from medml.pacs.ledger import Ledger
+    from medml.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    recent = str(header(studies[0]).StudyDate)
+    stow(pacs, studies[0])
+    prior = [pydicom.dcmread(f) for f in studies[1]]
+    old = datetime.datetime.strptime(recent, "%Y%m%d") - datetime.timedelta(days=30)
+    for ds in prior:
+        ds.StudyDate = old.strftime("%Y%m%d")
+    DICOMwebClient(pacs.dicomweb_url).store_instances(prior)
+    Ledger(ws.catalog_url).move_watermark("pacs", recent)  # a run before the prior arrived
+
+    plain = steps.pull_new(config(pacs), ws)
+    assert plain.since == recent and len(plain.found) == 1
+    looked = steps.pull_new(config(pacs, lookback_days=45), ws)
+    assert looked.since == (old - datetime.timedelta(days=15)).strftime("%Y%m%d")
+    assert len(looked.found) == 2 and not looked.failed

@@ -8,6 +8,7 @@ and :func:`send_reports` (from the inbox files' headers, read in memory).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -102,17 +103,26 @@ class Pulled:
     latest: str | None = None  # the newest study date found (YYYYMMDD)
 
 
+def _looked_back(watermark: str | None, days: int) -> str | None:
+    """The search start: ``days`` before the watermark (YYYYMMDD), or None without one."""
+    if watermark is None or not days:
+        return watermark
+    start = datetime.datetime.strptime(watermark, "%Y%m%d") - datetime.timedelta(days=days)
+    return start.strftime("%Y%m%d")
+
+
 def pull_new(
     cfg: PacsConfig, ws: Workspace, model: str | None = None, since: str | None = None
 ) -> Pulled:
-    """Search the PACS for series dated from ``since`` (default: the watermark, else
-    ``pacs.since``) and retrieve those ``model`` has not finished into a fresh inbox run folder.
+    """Search the PACS for series dated from ``since`` (default: the watermark less
+    ``pacs.lookback_days``, else ``pacs.since``) and retrieve those ``model`` has not finished
+    into a fresh inbox run folder.
 
     Raises :class:`PacsUnavailable` when the PACS cannot be reached; a series whose retrieve
     fails or comes up short is listed in ``failed`` (and blocks the watermark)."""
     ledger = Ledger(ws.catalog_url)
     try:
-        since = since or ledger.watermark(cfg.name) or cfg.since
+        since = since or _looked_back(ledger.watermark(cfg.name), cfg.lookback_days) or cfg.since
         entries = ledger.entries(model) if model else {}
     finally:
         ledger.dispose()
