@@ -5,7 +5,6 @@ without running code from the artifact store."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -33,7 +32,6 @@ from medml.predict.batch import inputs_frame, predict_frame, write_rows
 from medml.predict.explain import _title, gradient_saliency, occlusion_saliency
 from medml.predict.loader import TamperedModelError, open_model, write_manifest
 from medml.predict.output import csv_safe
-from medml.progress import Progress
 from medml.registry.register import register_prototypes
 from medml.tracking import configure, use_experiment
 
@@ -256,19 +254,6 @@ def test_prefect_artifact_lists_failed_inputs_by_position(model, tmp_path):
     text = predictions_markdown(written, V1)
     assert "| 2 | - | does not exist |" in text and "gone" not in text
     assert written["failures"] == [{"position": 2, "scan_id": None, "error": "does not exist"}]
-
-
-def test_progress_is_log_lines_off_a_terminal(caplog):
-    stream = io.StringIO()
-    with (
-        caplog.at_level(logging.INFO, logger="medml.progress"),
-        Progress(100, "predict", stream=stream, every_percent=25) as bar,
-    ):
-        for _ in range(100):
-            bar.update(1)
-    assert stream.getvalue() == ""  # no bar, no carriage returns
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 4 and lines[-1].startswith("predict: 100/100 scan (100 %)")
 
 
 # ------------------------------------------------------ issue 15: hostile inputs and stores

@@ -1,4 +1,5 @@
-"""Progress reporting (medml.progress): a bar on a terminal, log lines elsewhere."""
+"""Progress reporting (medml.progress): a bar on a terminal, log lines elsewhere (issue 14,
+problem 7: bars redrew with carriage returns into log files)."""
 
 import io
 import logging
