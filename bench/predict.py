@@ -2,11 +2,11 @@
 
 The demo's model (configs/demo.yaml: ResNet-10, 32^3 input; 1 training epoch, enough for
 throughput) on demo-sized synthetic CT (96^2 matrix). "End to end" is
-``medml.predict.batch.predict_frame``: read NIfTI, canonical orientation, MONAI preprocessing
-(in ``predict.workers`` processes, ahead of the model), embed, classify, append CSV + Parquet,
-ledger; on N copies of the ingested volumes. "Model only" is the encoder forward on the same
-volumes already preprocessed in memory, same batch size, one torch thread. Peak RSS is
-measured in a fresh process per run size (100 vs 1000 scans).
+``medml.predict.batch.predict_frame``: read NIfTI, MONAI preprocessing and the forward pass
+(in ``predict.workers`` processes, each embedding its own batches), classify, append CSV +
+Parquet, ledger; on N copies of the ingested volumes. "Model only" is the encoder forward on
+the same volumes already preprocessed in memory, same batch size, one torch thread. Peak RSS
+is measured in a fresh process per run size (100 vs 1000 scans).
 
     .venv/bin/python bench/predict.py                 # ~2 minutes on 2 idle CPU cores
     .venv/bin/python bench/predict.py --config configs/tiny.yaml   # the tiny test model
@@ -107,12 +107,15 @@ def child(uri: str, folder: Path, out: Path, batch_size: int, tracking: str, wor
         def prepare_only() -> None:
             model.preprocess_paths(paths)
 
-        with Prefetcher(model.settings.preprocess, workers) as prefetch:
-            list(prefetch.map(batches[:2]))  # workers started and warm
+        # as predict_frame runs it: the workers prepare and embed, this process decides
+        with Prefetcher(
+            model.settings.preprocess, workers, encoder=model.encoder, dim=model.dim
+        ) as prefetch:
+            list(prefetch.embed_map(batches[:2]))  # workers started and warm
 
             def end_to_end() -> None:
-                for paths_b, (v, ids, errs) in zip(batches, prefetch.map(batches)):
-                    model.rows(paths_b, model.embed_volumes(v), ids, errs)
+                for paths_b, (emb, ids, errs) in zip(batches, prefetch.embed_map(batches)):
+                    model.rows(paths_b, emb, ids, errs)
 
             n = len(paths)
             result["model_only_scans_per_s"], result["model_cpu_ms"] = _median_rate(n, model_only)

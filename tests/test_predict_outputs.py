@@ -256,6 +256,30 @@ def test_prefect_artifact_lists_failed_inputs_by_position(model, tmp_path):
     assert written["failures"] == [{"position": 2, "scan_id": None, "error": "does not exist"}]
 
 
+def test_workers_that_embed_write_the_rows_prediction_here_writes(model, tmp_path):
+    """With worker processes on the CPU (and nothing to explain) the workers embed their
+    batches themselves; the rows, errors, order and ledger reuse equal preparing and embedding
+    in this process."""
+    goods = [path for path, _ in model["val"][:5]]
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a NIfTI file")
+    frame = pd.DataFrame({"path": [goods[0], str(bad), *goods[1:], str(tmp_path / "gone")]})
+    got = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}" / "p.parquet"
+        out.parent.mkdir()
+        predict_frame(V1, frame.iloc[:4], out, batch_size=2, progress=False, workers=workers)
+        s = predict_frame(V1, frame, out, batch_size=2, progress=False, workers=workers)
+        assert s.n_skipped == 3 and s.n_errors == 2  # the ledger's rows reused, errors retried
+        got[workers] = pd.read_parquet(out)
+    here, pool = got[0], got[2]
+    assert list(here["input"]) == list(pool["input"]) == list(frame["path"])
+    assert here["error"].tolist() == pool["error"].tolist()
+    assert here["scan_id"].tolist() == pool["scan_id"].tolist()
+    assert here["predicted_class"].tolist() == pool["predicted_class"].tolist()
+    np.testing.assert_allclose(here["similarity"], pool["similarity"], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------ issue 15: hostile inputs and stores
 
 

@@ -41,3 +41,30 @@ def test_workers_start_only_for_enough_inputs():
     assert auto_workers(100, 3, min_inputs=64) == min(3, os.cpu_count() or 1)  # capped
     assert auto_workers(100, 10_000, min_inputs=64) == (os.cpu_count() or 1)
     assert auto_workers(10, 0, min_inputs=64) == 0
+
+
+def test_workers_that_embed_give_the_embeddings_of_the_same_batches(
+    ingested, tiny_settings, tmp_path
+):
+    """embed_map: each batch prepared and embedded in a worker equals preparing it in the
+    predicting process and embedding it there; failed inputs are NaN rows with their error."""
+    import numpy as np
+
+    from medml.models.encoder import build_encoder
+    from medml.models.inference import embed_volumes
+
+    torch.manual_seed(0)
+    encoder = build_encoder(tiny_settings.model).eval()
+    dim = tiny_settings.model.embedding_dim
+    volumes = sorted(str(p) for p in ingested.volumes.glob("*.nii.gz"))[:4]
+    batches = [[volumes[0], str(tmp_path / "missing.nii.gz"), volumes[1]], [], volumes[2:]]
+    with Prefetcher(tiny_settings.preprocess, 0) as here:
+        expected = [(embed_volumes(encoder, v, dim), i, e) for v, i, e in here.map(batches)]
+    with Prefetcher(tiny_settings.preprocess, 2, ahead=1, encoder=encoder, dim=dim) as pool:
+        got = list(pool.embed_map(batches))
+    assert [len(g[0]) for g in got] == [3, 0, 2]
+    for (emb_a, ids_a, err_a), (emb_b, ids_b, err_b) in zip(expected, got):
+        assert ids_a == ids_b and err_a == err_b
+        np.testing.assert_allclose(emb_a, emb_b, rtol=1e-5, atol=1e-6)
+    assert np.isnan(got[0][0][1]).all() and got[0][2][1] == "does not exist"
+    assert not np.isnan(got[0][0][[0, 2]]).any()

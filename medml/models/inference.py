@@ -21,6 +21,21 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@torch.no_grad()
+def embed_volumes(
+    encoder: torch.nn.Module, vols: Sequence[torch.Tensor | None], dim: int
+) -> np.ndarray:
+    """Embeddings ``(len(vols), dim)`` of network-ready volumes in one forward pass on the
+    encoder's device, a row of NaN for each ``None`` (an input that could not be prepared)."""
+    emb = np.full((len(vols), dim), np.nan, dtype=np.float32)
+    rows = [i for i, v in enumerate(vols) if v is not None]
+    if rows:
+        dev = next(encoder.parameters()).device
+        batch = torch.stack([vols[i] for i in rows]).to(dev)
+        emb[rows] = encoder(batch).float().cpu().numpy()
+    return emb
+
+
 @dataclass
 class Embedded:
     """Embeddings of a set of catalog scans with their class names and ids."""

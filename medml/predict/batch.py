@@ -33,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 
 from medml.io import jsonable, remove_stale_temporaries
+from medml.models.inference import device
 from medml.predict.inputs import Input, discover_inputs
 from medml.predict.loader import open_model
 from medml.predict.output import TableWriter
@@ -179,11 +180,18 @@ def predict_frame(
         schema = arrow_schema(model.prototypes.classes)
         writer = TableWriter(stack, paths, schema) if paths else None
         ledger_fh = stack.enter_context(book.open("a")) if book is not None else None
+        # The workers embed too where they can (CPU, nothing to explain): the volumes then
+        # never leave them, and this process only decides and writes.
+        in_workers = n_workers > 1 and explain is None and device().type == "cpu"
         prefetch = stack.enter_context(
-            Prefetcher(model.settings.preprocess, n_workers, ingest=model.settings.ingest)
-        )
+            Prefetcher(model.settings.preprocess, n_workers, ingest=model.settings.ingest,
+                       encoder=model.encoder if in_workers else None, dim=model.dim)
+        )  # fmt: skip
         bar = stack.enter_context(Progress(len(frame), "predict", enabled=progress))
-        for batch, mask, prepared in zip(batches, masks, prefetch.map(todo_paths)):
+        stream = prefetch.embed_map(todo_paths) if in_workers else prefetch.map(todo_paths)
+        for batch, mask, prepared in zip(batches, masks, stream):
+            if not in_workers:  # volumes: embedded here (and kept for the explanations)
+                prepared = (model.embed_volumes(prepared[0]), *prepared[1:], prepared[0])
             fresh, neighbours, fresh_idx = _fresh_rows(model, batch, mask, prepared)
             ok = [j for j, e in enumerate(fresh["error"]) if e is None]
             if explain is not None:
@@ -219,24 +227,25 @@ def _fresh_rows(
     model: MedmlModel, batch: pd.DataFrame, mask: dict[str, np.ndarray], prepared: tuple
 ) -> tuple[pd.DataFrame, list[list[int]], list[int]]:
     """Rows computed now (prepared inputs and known-bad ones), their nearest support indices,
-    and their indices within the batch."""
-    vols_p, ids_p, errs_p = prepared
+    and their indices within the batch. ``prepared``: the embeddings, scan ids and errors of
+    the batch's prepared inputs (and, embedded here, their volumes)."""
+    emb_p, ids_p, errs_p = prepared[:3]
     prep_at = {i: j for j, i in enumerate(np.flatnonzero(mask["prepare"]))}
     fresh_idx = [i for i in range(len(batch)) if mask["prepare"][i] or mask["known_bad"][i]]
-    vols, ids, errors = [], [], []
-    for i in fresh_idx:
+    emb = np.full((len(fresh_idx), model.dim), np.nan, dtype=np.float32)
+    ids, errors = [], []
+    for k, i in enumerate(fresh_idx):
         given = batch["scan_id"].iloc[i]
         if i in prep_at:
             j = prep_at[i]
-            vols.append(vols_p[j])
+            emb[k] = emb_p[j]
             ids.append(given or ids_p[j])
             errors.append(errs_p[j])
         else:
-            vols.append(None)
             ids.append(given)
             errors.append(batch["error"].iloc[i])
     inputs = batch["path"].iloc[fresh_idx].tolist()
-    rows, neighbours = model.rows(inputs, model.embed_volumes(vols), ids, errors)
+    rows, neighbours = model.rows(inputs, emb, ids, errors)
     return rows, neighbours, fresh_idx
 
 
@@ -311,7 +320,7 @@ def _explain(
     """An explanation PNG per predicted row (``ok``: fresh rows without an error)."""
     from medml.predict.explain import write_explanation
 
-    vols = dict(zip(np.flatnonzero(mask["prepare"]), prepared[0]))
+    vols = dict(zip(np.flatnonzero(mask["prepare"]), prepared[3]))
     fresh_idx = [i for i in range(len(batch)) if mask["prepare"][i] or mask["known_bad"][i]]
     for j in ok:
         i = fresh_idx[j]

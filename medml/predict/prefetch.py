@@ -27,6 +27,7 @@ import torch
 from medml.config import IngestConfig, PreprocessConfig
 from medml.data.transforms import KEY, deterministic_chain
 from medml.ingest.checks import SeriesChecks
+from medml.models.inference import embed_volumes
 from medml.predict.inputs import DOES_NOT_EXIST, describe_error
 from medml.predict.loading import load_input
 from medml.processes import cap_workers, die_with_parent, reuse_freed_memory
@@ -34,9 +35,13 @@ from medml.processes import cap_workers, die_with_parent, reuse_freed_memory
 # (volume or None, content scan id or None, error message or None) for one input
 Prepared = tuple[np.ndarray | None, str | None, str | None]
 Batch = tuple[list[torch.Tensor | None], list[str | None], list[str | None]]
+# (embeddings, a NaN row where an input failed; content scan ids; error messages) of a batch
+EmbeddedBatch = tuple[np.ndarray, list[str | None], list[str | None]]
 
 _CHAIN: Any = None
 _CHECKS: SeriesChecks | None = None
+_ENCODER: torch.nn.Module | None = None
+_DIM = 0
 
 
 def prepare(chain: Any, path: str, checks: SeriesChecks | None = None) -> Prepared:
@@ -53,17 +58,28 @@ def prepare(chain: Any, path: str, checks: SeriesChecks | None = None) -> Prepar
         return None, None, describe_error(exc, path)
 
 
-def _init(cfg: PreprocessConfig, checks: SeriesChecks | None) -> None:
-    global _CHAIN, _CHECKS
+def _init(
+    cfg: PreprocessConfig,
+    checks: SeriesChecks | None,
+    encoder: torch.nn.Module | None = None,
+    dim: int = 0,
+) -> None:
+    global _CHAIN, _CHECKS, _ENCODER, _DIM
     die_with_parent()  # a killed predict takes its workers with it
     reuse_freed_memory()  # every scan allocates what the last one freed
     torch.set_num_threads(1)  # one core per worker; the pool is the parallelism
     _CHAIN = deterministic_chain(cfg, load=False)
     _CHECKS = checks
+    _ENCODER, _DIM = (encoder.eval() if encoder is not None else None), dim
 
 
 def _prepare_in_worker(path: str) -> Prepared:
     return prepare(_CHAIN, path, _CHECKS)
+
+
+def _embed_in_worker(paths: list[str]) -> EmbeddedBatch:
+    vols, ids, errors = as_batch(prepare(_CHAIN, p, _CHECKS) for p in paths)
+    return embed_volumes(_ENCODER, vols, _DIM), ids, errors
 
 
 def as_batch(prepared: Iterable[Prepared]) -> Batch:
@@ -88,6 +104,10 @@ class Prefetcher:
     """Prepares batches of paths in ``workers`` processes (0 or 1: here, one at a time).
 
     Use as a context manager; :meth:`map` yields one :data:`Batch` per list of paths, in order.
+    Given an ``encoder`` (on the CPU) and its embedding size ``dim``, :meth:`embed_map` yields
+    each batch embedded by the workers themselves: only embeddings cross between processes, and
+    the predicting process, which would otherwise run every forward pass while the workers
+    prepare, is left the decisions and the output (on 2 cores: 300 against 245 demo scans/s).
     """
 
     def __init__(
@@ -96,9 +116,12 @@ class Prefetcher:
         workers: int,
         ahead: int = 2,
         ingest: IngestConfig | None = None,
+        encoder: torch.nn.Module | None = None,
+        dim: int = 0,
     ) -> None:
         self.cfg, self.workers, self.ahead = cfg, workers, ahead
         self.checks = SeriesChecks.from_config(ingest or IngestConfig())
+        self.encoder, self.dim = encoder, dim
         self.pool: ProcessPoolExecutor | None = None
         self.chain = None
 
@@ -108,7 +131,7 @@ class Prefetcher:
                 self.workers,
                 multiprocessing.get_context("spawn"),
                 initializer=_init,
-                initargs=(self.cfg, self.checks),
+                initargs=(self.cfg, self.checks, self.encoder, self.dim),
             )
         else:
             self.chain = deterministic_chain(self.cfg, load=False)
@@ -136,6 +159,32 @@ class Prefetcher:
                 yield self._collect(pending.popleft())
         while pending:
             yield self._collect(pending.popleft())
+
+    def embed_map(self, batches: Iterable[list[str]]) -> Iterator[EmbeddedBatch]:
+        """Each list of paths prepared and embedded by the ``encoder``, in order: in the
+        workers one batch per job, ``ahead`` batches per worker in flight (memory stays flat:
+        a job returns embeddings, not volumes); without a pool, here."""
+        if self.encoder is None:
+            raise ValueError("embed_map needs the Prefetcher's encoder")
+        if self.pool is None:
+            for paths in batches:
+                vols, ids, errors = as_batch(prepare(self.chain, p, self.checks) for p in paths)
+                yield embed_volumes(self.encoder, vols, self.dim), ids, errors
+            return
+        pending: deque[tuple[int, Future[EmbeddedBatch]]] = deque()
+        for paths in batches:
+            pending.append((len(paths), self.pool.submit(_embed_in_worker, paths)))
+            if len(pending) > self.ahead * self.workers:
+                yield self._embedded(*pending.popleft())
+        while pending:
+            yield self._embedded(*pending.popleft())
+
+    def _embedded(self, n: int, future: Future[EmbeddedBatch]) -> EmbeddedBatch:
+        try:
+            return future.result()
+        except Exception as exc:  # a worker died (out of memory, killed): the batch fails
+            error = f"worker died: {type(exc).__name__}"
+            return np.full((n, self.dim), np.nan, np.float32), [None] * n, [error] * n
 
     @staticmethod
     def _collect(futures: list[Future[Prepared]]) -> Batch:

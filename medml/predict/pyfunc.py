@@ -28,7 +28,7 @@ from medml.data.transforms import deterministic_chain
 from medml.fewshot.prototypes import UNKNOWN, Prototypes
 from medml.ingest.checks import SeriesChecks
 from medml.models.encoder import Encoder, build_encoder
-from medml.models.inference import device
+from medml.models.inference import device, embed_volumes
 from medml.predict.prefetch import as_batch, prepare
 
 INPUTS = Schema([ColSpec("string", "path"), ColSpec("string", "scan_id", required=False)])
@@ -115,16 +115,14 @@ class MedmlModel(PythonModel):
         checks = SeriesChecks.from_config(self.settings.ingest)  # ingestion's own verdicts
         return as_batch(prepare(self._chain, p, checks) for p in paths)
 
-    @torch.no_grad()
     def embed_volumes(self, vols: list[torch.Tensor | None]) -> np.ndarray:
         """Embeddings of the given volumes in one forward pass (rows of NaN for None)."""
-        dim = self.prototypes.vectors.shape[1]
-        emb = np.full((len(vols), dim), np.nan, dtype=np.float32)
-        rows = [i for i, v in enumerate(vols) if v is not None]
-        if rows:
-            batch = torch.stack([vols[i] for i in rows]).to(device())
-            emb[rows] = self.encoder(batch).float().cpu().numpy()
-        return emb
+        return embed_volumes(self.encoder, vols, self.dim)
+
+    @property
+    def dim(self) -> int:
+        """The embedding size (the prototypes')."""
+        return int(self.prototypes.vectors.shape[1])
 
     def embed_paths(
         self, paths: list[str]
