@@ -308,3 +308,20 @@ def test_enhanced_objects_of_one_frame_each_form_one_volume(tmp_path):
     ours, report = _ours(tmp_path / "src", Workspace(tmp_path / "ws"))
     assert len(ours) == 1 and ours[0][0].shape == (10, 12, 4), report
     assert_same_volumes(ours, _dcm2niix(tmp_path / "src" / "xa", tmp_path / "d2n"), "XA 1-frame")
+
+
+def test_enhanced_object_still_typed_mosaic_is_read_as_its_frames(tmp_path):
+    """Siemens XA30 cuts a mosaic's tiles into the frames of an enhanced object but leaves
+    MOSAIC in ImageType (dcm2niix issue 553): the frames are slices, as dcm2niix reads them.
+    A one-frame object typed MOSAIC still needs the mosaic's tile count (refused without)."""
+    mosaic_type = ("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC")
+    write_enhanced(_spec(n=6, seed=5, image_type=mosaic_type), tmp_path / "src" / "xa30" / "a.dcm")
+    ours, report = _ours(tmp_path / "src", Workspace(tmp_path / "ws"))
+    assert len(ours) == 1 and ours[0][0].shape == (10, 12, 6), report
+    assert_same_volumes(ours, _dcm2niix(tmp_path / "src" / "xa30", tmp_path / "d2n"), "XA30")
+
+    nav = _spec(n=1, seed=6, image_type=mosaic_type)
+    write_enhanced(nav, tmp_path / "one" / "nav.dcm")
+    _, report = _ours(tmp_path / "one", Workspace(tmp_path / "ws1"))
+    (only,) = report["files"]
+    assert only["status"] == "quarantined" and "Siemens mosaic" in only["reason"]

@@ -696,7 +696,7 @@ def classify(ds: pydicom.Dataset, max_voxels: int = budget.MAX_VOXELS) -> Proble
             "pixel); only greyscale volumes are converted",
         )  # fmt: skip
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    if "MOSAIC" in image_type:  # Siemens packs a whole volume into one tiled plane
+    if mosaic.is_mosaic(ds):  # Siemens packs a whole volume into one tiled plane
         info = mosaic.mosaic_info(ds)
         if "error" in info:
             return Problem("unsupported", f"unsupported DICOM: {info['error']}")

@@ -27,7 +27,12 @@ def _csa_reader():
 
 
 def is_mosaic(ds) -> bool:
-    return "MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+    """ImageType MOSAIC on a single-frame object. An enhanced object of several frames keeps
+    the word after the scanner has cut the tiles into frames (Siemens XA30; dcm2niix issue
+    553): its frames are slices, read as any enhanced object's."""
+    if "MOSAIC" not in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+        return False
+    return int(ds.get("NumberOfFrames", 1) or 1) <= 1
 
 
 def mosaic_info(ds) -> dict[str, Any]:
