@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from medml.ingest.report import without_paths
+from medml.ingest.report import ReportPositions
 
 MAX_ROWS = 50  # of quarantined files or errors listed in markdown; the files hold them all
 
@@ -40,10 +40,10 @@ def ingest_report(result: dict[str, Any]) -> None:
     ]
     quarantined = [(i, f) for i, f in enumerate(files) if f.get("status") == "quarantined"]
     if quarantined:
-        position = {f["path"]: i for i, f in enumerate(files)}
+        positions = ReportPositions([f["path"] for f in files])
         lines += ["", f"## Quarantined ({len(quarantined)})", "", "| file | reason |", "|---|---|"]
         lines += [
-            f"| #{i} | {without_paths(f.get('reason', ''), position).replace('|', '/')} |"
+            f"| #{i} | {positions.hide(f.get('reason', ''), f['path']).replace('|', '/')} |"
             for i, f in quarantined[:MAX_ROWS]
         ]
         if len(quarantined) > MAX_ROWS:

@@ -211,3 +211,39 @@ def test_source_folders_named_after_patients_stay_out_of_the_catalog(tmp_path, m
     assert catalog.quarantined() and all(q["path"].startswith("#") for q in catalog.quarantined())
     blob = (ws.root / "catalog.db").read_bytes()
     assert b"DOE" not in blob and b"JANE" not in blob
+
+
+def test_reasons_lose_paths_and_names_but_keep_their_numbers():
+    """The catalog's reasons: report paths and file names become positions, whole tokens only.
+    Files named 1..12 or SR (exports do that) must not rewrite the numbers and words of a
+    reason (they were, by a substring replace)."""
+    from medml.ingest.report import FileRecord, quarantine_entries
+
+    claim = ("too large: header claims 512 x 512 x 100 uint16 = 26214400 voxels (10.0 GiB), "
+             "over ingest.max_voxels=1000000")  # fmt: skip
+    files = [FileRecord(str(k), "ingested", scan_id="s") for k in range(1, 13)]
+    files += [FileRecord("SR", "skipped", reason="non-image DICOM object (Modality SR)")]
+    files += [
+        FileRecord("2big", "quarantined", reason=claim),
+        FileRecord("DOE^JANE/ct/IM0004.dcm", "ingested", scan_id="t"),
+        FileRecord("DOE^JANE/ct/IM0005.dcm", "quarantined",
+                   reason="duplicate slice position 12.50 mm (slices 3 and 4 of 20: "
+                          "IM0004.dcm, IM0005.dcm)"),
+        FileRecord("DOE^JANE/ct/x.dcm", "quarantined",
+                   reason="conversion failed: OSError: cannot read 'DOE^JANE/ct/x.dcm': bad"),
+        FileRecord("Jane Doe/scan one/IM1.dcm", "quarantined",
+                   reason="unreadable DICOM: Jane Doe/scan one/IM1.dcm: truncated"),
+    ]  # fmt: skip
+    files.sort(key=lambda f: f.path)  # the report's order
+    at = {f.path: i for i, f in enumerate(files)}
+    entries = {e["path"]: e["reason"] for e in quarantine_entries(files)}
+    assert entries[f"#{at['2big']}"] == claim
+    four, five = at["DOE^JANE/ct/IM0004.dcm"], at["DOE^JANE/ct/IM0005.dcm"]
+    dup = entries[f"#{five}"]
+    assert dup == f"duplicate slice position 12.50 mm (slices 3 and 4 of 20: #{four}, #{five})"
+    assert entries[f"#{at['DOE^JANE/ct/x.dcm']}"] == (
+        f"conversion failed: OSError: cannot read '#{at['DOE^JANE/ct/x.dcm']}': bad"
+    )
+    spaced = entries[f"#{at['Jane Doe/scan one/IM1.dcm']}"]
+    assert spaced == f"unreadable DICOM: #{at['Jane Doe/scan one/IM1.dcm']}: truncated"
+    assert not any(word in " ".join(entries.values()) for word in ("DOE", "Jane", "IM000"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,24 +29,72 @@ def printable(path: str | os.PathLike) -> str:
 
 def quarantine_entries(files: list[FileRecord]) -> list[dict[str, str]]:
     """The quarantined files without a source path: each named by its position in the report
-    (``#12`` is ``files[12]``), and any report path quoted in its reason (``duplicate of ...``)
-    replaced the same way. For the places outside the report that list quarantined files (the
-    catalog, Prefect artifacts): folder names of exports name patients as often as not."""
-    position = {f.path: i for i, f in enumerate(files)}
+    (``#12`` is ``files[12]``), and the report's paths and file names quoted in its reason
+    replaced the same way (:class:`ReportPositions`). For the places outside the report that
+    list quarantined files (the catalog, Prefect artifacts): export folders name patients."""
+    positions = ReportPositions([f.path for f in files])
     return [
-        {"path": f"#{i}", "reason": without_paths(f.reason or "", position)}
+        {"path": f"#{i}", "reason": positions.hide(f.reason or "", near=f.path)}
         for i, f in enumerate(files)
         if f.status == "quarantined"
     ]
 
 
-def without_paths(reason: str, position: dict[str, int]) -> str:
-    """``reason`` with every report path in it replaced by its ``#position`` (longest first,
-    so a folder never leaves part of a file's path behind)."""
-    for path in sorted(position, key=len, reverse=True):
-        if path in reason:
-            reason = reason.replace(path, f"#{position[path]}")
-    return reason
+_TOKEN = re.compile(r"[^\s,;()\[\]'\"]+")  # a run of characters a path is made of
+_BLANK = re.compile(r"\s")
+
+
+class ReportPositions:
+    """Report paths to their positions in the report, to take paths out of a reason.
+
+    A reason may quote a file's path relative to the source (an exception text, once the
+    source folder is cut) or a file's name (``duplicate slice position … (IM0004.dcm,
+    IM0005.dcm)``). Whole tokens equal to a path, or to a file's name (the one in the quoting
+    file's folder first), become ``#position``. Tokens that cannot identify anyone stay, so
+    numbers and short words are never rewritten when files happen to be named ``1`` or
+    ``SR``: a token is replaced only if it has a ``/`` or ``.``, or 4 characters and a
+    non-digit.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        self.position = {p: i for i, p in enumerate(paths)}
+        # paths with blanks are not one token: those of the quoting file's folder are matched
+        # whole, longest first (long and specific, they hit nothing else)
+        self.spaced: dict[str, list[str]] = {}
+        for path in sorted(paths, key=len, reverse=True):
+            if _BLANK.search(path):
+                self.spaced.setdefault(posixpath.dirname(path), []).append(path)
+        self.by_name: dict[tuple[str, str], int] = {}
+        self.first_by_name: dict[str, int] = {}
+        for i, path in enumerate(paths):
+            folder, name = posixpath.split(path)
+            self.by_name.setdefault((folder, name), i)
+            self.first_by_name.setdefault(name, i)
+
+    def hide(self, reason: str, near: str = "") -> str:
+        """``reason`` with its path and file-name tokens replaced (``near``: the path of the
+        record it belongs to, whose folder a bare name is looked up in first)."""
+        folder = posixpath.dirname(near)
+        for path in self.spaced.get(folder, []):
+            if path in reason:
+                whole = rf"(?<![^\s'\"(\[]){re.escape(path)}(?![^\s'\")\],;:])"
+                reason = re.sub(whole, f"#{self.position[path]}", reason)
+
+        def swap(match: re.Match[str]) -> str:
+            token = match.group(0)
+            bare = token.rstrip(".:")
+            if not _could_identify(bare):
+                return token
+            i = self.position.get(bare)
+            if i is None:
+                i = self.by_name.get((folder, bare), self.first_by_name.get(bare))
+            return token if i is None else f"#{i}{token[len(bare) :]}"
+
+        return _TOKEN.sub(swap, reason)
+
+
+def _could_identify(token: str) -> bool:
+    return "/" in token or "." in token or (len(token) >= 4 and not token.isdigit())
 
 
 def utc_now() -> str:
