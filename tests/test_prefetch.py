@@ -68,3 +68,30 @@ def test_workers_that_embed_give_the_embeddings_of_the_same_batches(
         np.testing.assert_allclose(emb_a, emb_b, rtol=1e-5, atol=1e-6)
     assert np.isnan(got[0][0][1]).all() and got[0][2][1] == "does not exist"
     assert not np.isnan(got[0][0][[0, 2]]).any()
+
+
+def test_a_killed_worker_fails_its_inputs_and_the_rest_goes_on(ingested, tiny_settings):
+    """A worker killed (out of memory, by an operator) breaks the pool: the inputs it held and
+    every later one come back as "worker died" errors, in order, instead of ending the run."""
+    import signal
+    import time
+
+    from medml.models.encoder import build_encoder
+
+    encoder = build_encoder(tiny_settings.model).eval()
+    dim = tiny_settings.model.embedding_dim
+    volumes = sorted(str(p) for p in ingested.volumes.glob("*.nii.gz"))[:2]
+    batches = [volumes] * 6
+    for embed in (False, True):
+        with Prefetcher(tiny_settings.preprocess, 2, ahead=1, encoder=encoder, dim=dim) as pool:
+            results = pool.embed_map(batches) if embed else pool.map(batches)
+            errors = []
+            for k, (_, _, errs) in enumerate(results):
+                errors.append(errs)
+                if k == 0:
+                    os.kill(next(iter(pool.pool._processes)), signal.SIGKILL)
+                    deadline = time.monotonic() + 20  # until the pool has seen the death
+                    while not pool.pool._broken and time.monotonic() < deadline:
+                        time.sleep(0.05)
+        assert len(errors) == 6 and errors[0] == [None, None]
+        assert errors[-1] == ["worker died: BrokenProcessPool"] * 2

@@ -19,6 +19,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -152,7 +153,7 @@ class Prefetcher:
         in_flight = 0
         for paths in batches:
             # one job per input, so a batch is prepared by all workers at once
-            pending.append([self.pool.submit(_prepare_in_worker, p) for p in paths])
+            pending.append([self._submit(_prepare_in_worker, p) for p in paths])
             in_flight += len(paths)
             while len(pending) > 1 and in_flight - len(pending[0]) >= queued:
                 in_flight -= len(pending[0])
@@ -173,16 +174,27 @@ class Prefetcher:
             return
         pending: deque[tuple[int, Future[EmbeddedBatch]]] = deque()
         for paths in batches:
-            pending.append((len(paths), self.pool.submit(_embed_in_worker, paths)))
+            pending.append((len(paths), self._submit(_embed_in_worker, paths)))
             if len(pending) > self.ahead * self.workers:
                 yield self._embedded(*pending.popleft())
         while pending:
             yield self._embedded(*pending.popleft())
 
+    def _submit(self, fn: Any, arg: Any) -> Future:
+        """``fn(arg)`` in the pool; once a worker has died the pool takes no more work, and
+        every later job fails as the lost ones did, instead of stopping the whole run."""
+        assert self.pool is not None
+        try:
+            return self.pool.submit(fn, arg)
+        except BrokenProcessPool as exc:
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
+
     def _embedded(self, n: int, future: Future[EmbeddedBatch]) -> EmbeddedBatch:
         try:
             return future.result()
-        except Exception as exc:  # a worker died (out of memory, killed): the batch fails
+        except BrokenProcessPool as exc:  # a worker died (out of memory, killed): batch fails
             error = f"worker died: {type(exc).__name__}"
             return np.full((n, self.dim), np.nan, np.float32), [None] * n, [error] * n
 
