@@ -100,3 +100,16 @@ def test_watermark_moves_only_when_every_series_found_is_finished(tmp_path):
     assert advance_watermark(later, {}, model, ws, cfg) == "20240110"  # c failed to pull
     later.failed, later.found = [], ["a", "b"]
     assert advance_watermark(later, {}, model, ws, cfg) == "20240120"
+
+
+def test_lookback_and_watermark_take_only_well_formed_study_dates():
+    """A PACS may send StudyDate "2024" (which sorts above "20231231") or "2024-01-01": it must
+    not become the watermark, nor stop every later pull where lookback parses it."""
+    from medml.pacs.pull import _looked_back, _study_date
+
+    assert _looked_back("20260110", 7) == "20260103"
+    assert _looked_back("20260110", 0) == "20260110"
+    assert _looked_back(None, 7) is None
+    assert _looked_back("2024", 7) == "2024"  # kept as found, never a crash
+    assert _study_date("2024") is None and _study_date("2024-01-01") is None
+    assert _study_date("20240101") is not None

@@ -103,12 +103,20 @@ class Pulled:
     latest: str | None = None  # the newest study date found (YYYYMMDD)
 
 
+def _study_date(value: str | None) -> datetime.datetime | None:
+    """A DICOM DA value (YYYYMMDD) as a date, or None for anything else a PACS may send."""
+    try:
+        return datetime.datetime.strptime(value or "", "%Y%m%d")
+    except ValueError:
+        return None
+
+
 def _looked_back(watermark: str | None, days: int) -> str | None:
     """The search start: ``days`` before the watermark (YYYYMMDD), or None without one."""
-    if watermark is None or not days:
+    date = _study_date(watermark)
+    if date is None or not days:
         return watermark
-    start = datetime.datetime.strptime(watermark, "%Y%m%d") - datetime.timedelta(days=days)
-    return start.strftime("%Y%m%d")
+    return (date - datetime.timedelta(days=days)).strftime("%Y%m%d")
 
 
 def pull_new(
@@ -133,7 +141,8 @@ def pull_new(
     result = Pulled(since=since, run_dir=str(root / run))
     source = open_source(cfg)
     refs = source.search(since)
-    result.latest = max((r.study_date for r in refs if r.study_date), default=None)
+    # only well-formed dates may become the watermark (a PACS may send "2024" or "2024-01-01")
+    result.latest = max((r.study_date for r in refs if _study_date(r.study_date)), default=None)
     for ref in refs:
         key = series_key(keys, ref.series_uid)
         result.found.append(key)
