@@ -256,10 +256,15 @@ def test_prefect_artifact_lists_failed_inputs_by_position(model, tmp_path):
     assert written["failures"] == [{"position": 2, "scan_id": None, "error": "does not exist"}]
 
 
-def test_workers_that_embed_write_the_rows_prediction_here_writes(model, tmp_path):
+def test_workers_that_embed_write_the_rows_prediction_here_writes(model, tmp_path, monkeypatch):
     """With worker processes on the CPU (and nothing to explain) the workers embed their
     batches themselves; the rows, errors, order and ledger reuse equal preparing and embedding
     in this process."""
+    from medml.predict.prefetch import Prefetcher
+
+    used = []
+    real = Prefetcher.embed_map
+    monkeypatch.setattr(Prefetcher, "embed_map", lambda self, b: used.append(1) or real(self, b))
     goods = [path for path, _ in model["val"][:5]]
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a NIfTI file")
@@ -268,10 +273,11 @@ def test_workers_that_embed_write_the_rows_prediction_here_writes(model, tmp_pat
     for workers in (0, 2):
         out = tmp_path / f"w{workers}" / "p.parquet"
         out.parent.mkdir()
-        predict_frame(V1, frame.iloc[:4], out, batch_size=2, progress=False, workers=workers)
-        s = predict_frame(V1, frame, out, batch_size=2, progress=False, workers=workers)
+        predict_frame(V1, frame.iloc[:4], out, batch_size=1, progress=False, workers=workers)
+        s = predict_frame(V1, frame, out, batch_size=1, progress=False, workers=workers)
         assert s.n_skipped == 3 and s.n_errors == 2  # the ledger's rows reused, errors retried
         got[workers] = pd.read_parquet(out)
+    assert len(used) == 2  # both runs with 2 workers embedded there (4 batches to do each)
     here, pool = got[0], got[2]
     assert list(here["input"]) == list(pool["input"]) == list(frame["path"])
     assert here["error"].tolist() == pool["error"].tolist()

@@ -180,9 +180,11 @@ def predict_frame(
         schema = arrow_schema(model.prototypes.classes)
         writer = TableWriter(stack, paths, schema) if paths else None
         ledger_fh = stack.enter_context(book.open("a")) if book is not None else None
-        # The workers embed too where they can (CPU, nothing to explain): the volumes then
-        # never leave them, and this process only decides and writes.
-        in_workers = n_workers > 1 and explain is None and device().type == "cpu"
+        # The workers embed too where they can (CPU, nothing to explain, a batch or more per
+        # worker: one batch is one job): the volumes then never leave them, and this process
+        # only decides and writes.
+        enough = sum(1 for b in todo_paths if b) >= 2 * n_workers
+        in_workers = n_workers > 1 and enough and explain is None and device().type == "cpu"
         prefetch = stack.enter_context(
             Prefetcher(model.settings.preprocess, n_workers, ingest=model.settings.ingest,
                        encoder=model.encoder if in_workers else None, dim=model.dim)
