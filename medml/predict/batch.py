@@ -191,13 +191,13 @@ def predict_frame(
         )  # fmt: skip
         bar = stack.enter_context(Progress(len(frame), "predict", enabled=progress))
         stream = prefetch.embed_map(todo_paths) if in_workers else prefetch.map(todo_paths)
-        for batch, mask, prepared in zip(batches, masks, stream):
-            if not in_workers:  # volumes: embedded here (and kept for the explanations)
-                prepared = (model.embed_volumes(prepared[0]), *prepared[1:], prepared[0])
-            fresh, neighbours, fresh_idx = _fresh_rows(model, batch, mask, prepared)
+        for batch, mask, (got, ids, errors) in zip(batches, masks, stream):
+            # the workers' embeddings, or volumes to embed here (kept for the explanations)
+            vols, emb = (None, got) if in_workers else (got, model.embed_volumes(got))
+            fresh, neighbours, fresh_idx = _fresh_rows(model, batch, mask, (emb, ids, errors))
             ok = [j for j, e in enumerate(fresh["error"]) if e is None]
             if explain is not None:
-                tally.n_explained += _explain(model, batch, fresh, prepared, mask, neighbours, ok,
+                tally.n_explained += _explain(model, batch, fresh, vols, mask, neighbours, ok,
                                               Path(explain))  # fmt: skip
             new = [j for j in ok if not mask["cached"][fresh_idx[j]]]
             if ledger_fh is not None:  # error rows are never recorded: they are retried
@@ -230,8 +230,8 @@ def _fresh_rows(
 ) -> tuple[pd.DataFrame, list[list[int]], list[int]]:
     """Rows computed now (prepared inputs and known-bad ones), their nearest support indices,
     and their indices within the batch. ``prepared``: the embeddings, scan ids and errors of
-    the batch's prepared inputs (and, embedded here, their volumes)."""
-    emb_p, ids_p, errs_p = prepared[:3]
+    the batch's prepared inputs."""
+    emb_p, ids_p, errs_p = prepared
     prep_at = {i: j for j, i in enumerate(np.flatnonzero(mask["prepare"]))}
     fresh_idx = [i for i in range(len(batch)) if mask["prepare"][i] or mask["known_bad"][i]]
     emb = np.full((len(fresh_idx), model.dim), np.nan, dtype=np.float32)
@@ -313,7 +313,7 @@ def _explain(
     model: MedmlModel,
     batch: pd.DataFrame,
     rows: pd.DataFrame,
-    prepared: tuple,
+    volumes: list,
     mask: dict[str, np.ndarray],
     neighbours: list[list[int]],
     ok: list[int],
@@ -322,7 +322,7 @@ def _explain(
     """An explanation PNG per predicted row (``ok``: fresh rows without an error)."""
     from medml.predict.explain import write_explanation
 
-    vols = dict(zip(np.flatnonzero(mask["prepare"]), prepared[3]))
+    vols = dict(zip(np.flatnonzero(mask["prepare"]), volumes))
     fresh_idx = [i for i in range(len(batch)) if mask["prepare"][i] or mask["known_bad"][i]]
     for j in ok:
         i = fresh_idx[j]
