@@ -87,8 +87,8 @@ def _read_gz_nifti1(
         return None
     what, needed = _claim(hdr, offset, max_voxels)
     blob = inflater.read_exactly(what, needed, writable=True)
-    if hdr.get_slope_inter() != (None, None) and hdr.get_slope_inter() != (1.0, 0.0):
-        img = nib.Nifti1Image.from_bytes(bytes(blob))  # scaled values: nibabel applies them
+    if hdr.get_slope_inter() not in ((None, None), (1.0, 0.0)):
+        img = nib.Nifti1Image.from_bytes(blob)  # scaled values: nibabel applies them
         return img.header, np.asanyarray(img.dataobj)
     shape = hdr.get_data_shape()
     count = math.prod(shape)
