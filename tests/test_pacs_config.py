@@ -111,5 +111,5 @@ def test_lookback_and_watermark_take_only_well_formed_study_dates():
     assert _looked_back("20260110", 0) == "20260110"
     assert _looked_back(None, 7) is None
     assert _looked_back("2024", 7) == "2024"  # kept as found, never a crash
-    assert _study_date("2024") is None and _study_date("2024-01-01") is None
-    assert _study_date("20240101") is not None
+    assert not _study_date("2024") and not _study_date("2024-01-01")
+    assert not _study_date("20241301") and _study_date("20240101")

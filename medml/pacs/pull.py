@@ -8,9 +8,9 @@ and :func:`send_reports` (from the inbox files' headers, read in memory).
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +21,7 @@ import pandas as pd
 import pydicom
 
 from medml.config import IngestConfig, PredictConfig, Settings
-from medml.ingest.deid import KeyMaker, load_secret
+from medml.ingest.deid import KeyMaker, load_secret, shift_date
 from medml.io import atomic_path, jsonable
 from medml.lock import workspace_lock
 from medml.pacs import inbox
@@ -103,20 +103,16 @@ class Pulled:
     latest: str | None = None  # the newest study date found (YYYYMMDD)
 
 
-def _study_date(value: str | None) -> datetime.datetime | None:
-    """A DICOM DA value (YYYYMMDD) as a date, or None for anything else a PACS may send."""
-    try:
-        return datetime.datetime.strptime(value or "", "%Y%m%d")
-    except ValueError:
-        return None
+def _study_date(value: str | None) -> bool:
+    """Whether ``value`` is a DICOM DA date (YYYYMMDD), not anything else a PACS may send."""
+    return bool(re.fullmatch(r"\d{8}", value or "")) and shift_date(value, 0) is not None
 
 
 def _looked_back(watermark: str | None, days: int) -> str | None:
     """The search start: ``days`` before the watermark (YYYYMMDD), or None without one."""
-    date = _study_date(watermark)
-    if date is None or not days:
+    if not (days and _study_date(watermark)):
         return watermark
-    return (date - datetime.timedelta(days=days)).strftime("%Y%m%d")
+    return shift_date(watermark, -days).replace("-", "")  # ISO back to DA
 
 
 def pull_new(
