@@ -700,7 +700,7 @@ def classify(ds: pydicom.Dataset, max_voxels: int = budget.MAX_VOXELS) -> Proble
         info = mosaic.mosaic_info(ds)
         if "error" in info:
             return Problem("unsupported", f"unsupported DICOM: {info['error']}")
-    if "VFRAME" in image_type:  # UIH's mosaic: tiles in a non-square grid, positions private
+    if mosaic.is_uih_mosaic(ds):
         return Problem(
             "unsupported", "unsupported DICOM: UIH mosaic (ImageType VFRAME: the slices are "
             "tiles of one plane, their positions in a private sequence); not converted",

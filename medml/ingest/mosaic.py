@@ -1,4 +1,5 @@
-"""Siemens mosaics: one DICOM plane holding a whole volume as a grid of tiles.
+"""Mosaics: one DICOM plane holding a whole volume as a grid of tiles (Siemens: cut into
+slices; UIH: recognised and refused).
 
 The tile count and the slice order come from the Siemens CSA image header (0029,1010), read
 with nibabel's CSA reader (nibabel.nicom.csareader): ``NumberOfImagesInMosaic`` and
@@ -33,6 +34,12 @@ def is_mosaic(ds) -> bool:
     if "MOSAIC" not in [str(v).upper() for v in (ds.get("ImageType") or [])]:
         return False
     return int(ds.get("NumberOfFrames", 1) or 1) <= 1
+
+
+def is_uih_mosaic(ds) -> bool:
+    """UIH's mosaic (ImageType VFRAME): tiles in a non-square grid, their positions in a
+    private sequence; not converted."""
+    return "VFRAME" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
 def mosaic_info(ds) -> dict[str, Any]:
