@@ -584,19 +584,10 @@ def _truncation(ds: pydicom.Dataset) -> str | None:
 
 
 def _multiframe_geometry_missing(ds: pydicom.Dataset) -> list[str]:
-    import pydicom
-
-    shared = ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [pydicom.Dataset()]
-    missing = []
-    for seq, label in (
-        ("PlanePositionSequence", "PlanePositionSequence"),
-        ("PlaneOrientationSequence", "PlaneOrientationSequence"),
-        ("PixelMeasuresSequence", "PixelMeasuresSequence"),
-    ):
-        if seq not in shared[0] and seq not in per_frame[0]:
-            missing.append(label)
-    return missing
+    shared = ds.get("SharedFunctionalGroupsSequence") or [{}]  # {}: nothing is in it
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [{}]
+    groups = ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence")
+    return [g for g in groups if g not in shared[0] and g not in per_frame[0]]
 
 
 def is_multiframe(ds: pydicom.Dataset) -> bool:
