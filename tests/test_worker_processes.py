@@ -109,12 +109,12 @@ from medml.config import PreprocessConfig
 from medml.data.transforms import deterministic_chain
 from medml.predict.prefetch import prepare
 from medml.processes import reuse_freed_memory
-if sys.argv[2] == "reuse":
+import ctypes
+from medml.processes import M_MMAP_THRESHOLD
+# glibc's initial threshold, held fixed (its dynamic raise off): the worst case a worker meets
+ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+if sys.argv[2] == "reuse":  # must override it
     reuse_freed_memory()
-else:  # glibc's initial threshold, held fixed: what a worker meets after early large frees
-    import ctypes
-    from medml.processes import M_MMAP_THRESHOLD
-    ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 rng = np.random.default_rng(0)
 paths = []
 for k, slices in enumerate(range(40, 80, 4)):  # scans of several sizes, as a batch holds
@@ -137,8 +137,8 @@ def test_a_preparing_worker_reuses_freed_memory_instead_of_faulting_it_in_again(
     """Each preparation allocates ~2 MB of buffers (500 pages). With glibc's defaults whether
     they come back from the heap or are mapped and faulted in afresh depends on its dynamic
     mmap threshold, so on the order of earlier allocations (seen from 16 to 5400 faults for
-    these 30 preparations as unrelated code changed); the "default" run pins the threshold
-    where glibc starts, 128 KB. A worker after reuse_freed_memory() takes them from its heap."""
+    these 30 preparations as unrelated code changed); both runs pin the threshold where glibc
+    starts, 128 KB. A worker after reuse_freed_memory() takes them from its heap."""
 
     def faults(mode: str) -> int:
         cmd = [sys.executable, "-c", FAULTS, str(tmp_path), mode]
